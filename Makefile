@@ -10,7 +10,6 @@ TORCH ?= torch==2.13.0
 
 setup:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e '.[model,test]'
 
