@@ -1,0 +1,309 @@
+"""Checkpoints: our format (safetensors + JSON card) and loading of either format.
+
+Our format is two files side by side:
+
+* ``NAME.safetensors``: the preconditioner's state_dict (no code, no pickle);
+* ``NAME.json``: the ``ModelCard`` (model/card.py) with ``weights_file`` = ``NAME.safetensors``
+  and its sha256, which ``load_model`` checks before using the weights.
+
+``load_model`` also reads NVlabs network-snapshot pickles through the restricted unpickler of
+model/nvlabs_pickle.py (nothing in the file is executed); ``convert`` turns one into our format.
+Networks are always rebuilt from our own classes from the card's (or the pickle's) constructor
+arguments, then the weights must match exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from model.card import CARD_FORMAT_VERSION, CardError, ModelCard, load_card
+from model.nvlabs_pickle import (
+    CheckpointError,
+    InertModule,
+    NetworkSpec,
+    PersistentRecord,
+    Snapshot,
+    UnsafeCheckpointError,
+    build_precond,
+    load_network_pickle,
+    load_state_dict_strict,
+    spec_from_init,
+)
+
+__all__ = [
+    "CheckpointError",
+    "LoadedModel",
+    "UnsafeCheckpointError",
+    "convert",
+    "inspect",
+    "load_model",
+    "save_model",
+    "sha256_file",
+]
+
+PICKLE_SUFFIXES = (".pkl", ".pickle")
+
+
+@dataclass
+class LoadedModel:
+    net: torch.nn.Module  # a model.precond preconditioner, eval mode, requires_grad False
+    card: ModelCard
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _count_parameters(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain-JSON view of pickle data for provenance (records -> class + init kwargs)."""
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN"
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, PersistentRecord):
+        return {"class_name": value.class_name, "init_kwargs": _jsonable(value.init_kwargs)}
+    if isinstance(value, InertModule):
+        return {"class_name": value.torch_name}
+    if isinstance(value, torch.Tensor):
+        return f"tensor {list(value.shape)} {value.dtype}"
+    return f"<{type(value).__name__}>"
+
+
+def _make_card(net: torch.nn.Module, spec: NetworkSpec, **fields: Any) -> ModelCard:
+    try:
+        return ModelCard(
+            format_version=CARD_FORMAT_VERSION,
+            architecture=spec.architecture,
+            network_kwargs=spec.network_kwargs,
+            preconditioner=spec.preconditioner,
+            precond_kwargs=spec.precond_kwargs,
+            img_resolution=int(net.img_resolution),
+            img_channels=int(net.img_channels),
+            label_dim=int(net.label_dim),
+            sigma_min=float(net.sigma_min),
+            sigma_max=float(net.sigma_max),
+            parameters=_count_parameters(net),
+            **fields,
+        )
+    except ValidationError as e:
+        details = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'card'}: {err['msg']}" for err in e.errors())
+        raise CardError(f"cannot describe {spec.preconditioner} with a model card: {details}") from None
+
+
+def _finish(net: torch.nn.Module, spec: NetworkSpec, device: str | torch.device) -> torch.nn.Module:
+    net.init_kwargs = spec.init_kwargs()  # lets save_model() write the card of a loaded network
+    return net.eval().requires_grad_(False).to(torch.device(device))
+
+
+def _name_from_stem(stem: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).lstrip("._-")[:128]
+    return name or "model"
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def _out_paths(path: str | Path, name: str) -> tuple[Path, Path]:
+    """(weights, card): next to `path` if it names a .json/.safetensors file, else inside folder `path`."""
+    path = Path(path)
+    if path.suffix in (".json", ".safetensors"):
+        folder, stem = path.parent, path.stem
+    else:
+        folder, stem = path, name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{stem}.safetensors", folder / f"{stem}.json"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_model(
+    net: torch.nn.Module,
+    path: str | Path,
+    *,
+    name: str,
+    class_names: list[str] | None = None,
+    provenance: dict[str, Any] | None = None,
+    quality: dict[str, Any] | None = None,
+    init_kwargs: dict[str, Any] | None = None,
+) -> ModelCard:
+    """Write ``NAME.safetensors`` + ``NAME.json`` and return the card.
+
+    `path` is a folder (files named after `name`) or a ``.json``/``.safetensors`` path (files
+    named after its stem). The constructor arguments of `net` come from `init_kwargs`, else from
+    ``net.init_kwargs`` (set by load_model); a fresh network is built from them and must have the
+    same state_dict layout, so the card is known to load.
+    """
+    init_kwargs = init_kwargs if init_kwargs is not None else getattr(net, "init_kwargs", None)
+    if not isinstance(init_kwargs, dict):
+        raise CheckpointError(f"save_model needs the constructor arguments of the {type(net).__name__}: "
+                              "pass init_kwargs={...} (the keywords it was built with)")
+    from model.precond import PRECONDITIONERS
+
+    kind = type(net).__name__
+    if PRECONDITIONERS.get(kind) is not type(net):
+        raise CheckpointError(f"save_model expects one of {sorted(PRECONDITIONERS)}, got {type(net).__qualname__}")
+    spec = spec_from_init(kind, None, init_kwargs)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    load_state_dict_strict(build_precond(spec), tensors, source=f"{name} (check of init_kwargs)")
+
+    weights_path, card_path = _out_paths(path, name)
+    try:
+        blob = safetensors_save(tensors, metadata={"format": "pt"})  # same weights, same bytes
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{name}: cannot serialise the weights: {e}") from None
+    card = _make_card(
+        net, spec, name=name, class_names=class_names, quality=quality,
+        weights_file=weights_path.name, weights_sha256=hashlib.sha256(blob).hexdigest(),
+        provenance={"saved_at": _now(), **(provenance or {})},
+    )
+    _write_atomic(weights_path, blob)
+    _write_atomic(card_path, card.to_json().encode("utf-8"))  # the card last: it vouches for the weights
+    return card
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _read_card(card_path: Path) -> ModelCard:
+    try:
+        return load_card(card_path)
+    except CardError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _load_ours(card_path: Path, device: str | torch.device) -> LoadedModel:
+    card = _read_card(card_path)
+    weights_path = card_path.parent / card.weights_file
+    try:
+        blob = weights_path.read_bytes()  # hash and parse the same bytes
+    except OSError as e:
+        raise CheckpointError(f"{card_path.name}: cannot read weights {card.weights_file}: {e}") from None
+    actual = hashlib.sha256(blob).hexdigest()
+    if actual != card.weights_sha256:
+        raise CheckpointError(f"{weights_path.name}: sha256 {actual} does not match the card's "
+                              f"{card.weights_sha256} ({card_path.name}); the weights were changed or replaced")
+    try:
+        tensors = safetensors_load(blob)
+    except Exception as e:  # safetensors raises its own SafetensorError
+        raise CheckpointError(f"{weights_path.name}: not a readable safetensors file: {e}") from None
+    spec = NetworkSpec(card.preconditioner, card.architecture, dict(card.precond_kwargs),
+                       dict(card.network_kwargs))
+    net = build_precond(spec, source=card_path.name)
+    load_state_dict_strict(net, tensors, source=weights_path.name)
+    for key in ("img_resolution", "img_channels", "label_dim", "sigma_min", "sigma_max"):
+        if getattr(net, key) != getattr(card, key):
+            raise CheckpointError(f"{card_path.name}: card says {key} = {getattr(card, key)} but the network "
+                                  f"built from it has {getattr(net, key)}")
+    if _count_parameters(net) != card.parameters:
+        raise CheckpointError(f"{card_path.name}: card says {card.parameters} parameters, the network has "
+                              f"{_count_parameters(net)}")
+    return LoadedModel(_finish(net, spec, device), card)
+
+
+def _pickle_provenance(snapshot: Snapshot) -> dict[str, Any]:
+    prov: dict[str, Any] = {
+        "source_file": snapshot.source,
+        "source_sha256": snapshot.sha256,
+        "source_format": "nvlabs-network-snapshot-pickle",
+        "persistence_version": snapshot.ema.version,
+        "source_class": snapshot.ema.class_name,
+        "source_module_src_sha256": snapshot.ema.module_src_sha256,
+    }
+    for key in ("loss_fn", "augment_pipe", "dataset_kwargs"):
+        if key in snapshot.data:
+            prov[key] = _jsonable(snapshot.data[key])
+    return prov
+
+
+def _load_pickle(path: Path, device: str | torch.device) -> LoadedModel:
+    net, spec, snapshot = load_network_pickle(path)
+    card = _make_card(net, spec, name=_name_from_stem(path.stem), weights_file=path.name,
+                      weights_sha256=snapshot.sha256, provenance=_pickle_provenance(snapshot))
+    return LoadedModel(_finish(net, spec, device), card)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load our ``.json`` card (or its ``.safetensors``) or an NVlabs ``.pkl``; the network comes back
+    in eval mode with requires_grad False, on `device`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return _load_ours(path, device)
+    if suffix == ".safetensors":
+        card_path = path.with_suffix(".json")
+        if not card_path.is_file():
+            raise CheckpointError(f"{path.name}: no model card {card_path.name} next to the weights")
+        card = _read_card(card_path)
+        if card.weights_file != path.name:
+            raise CheckpointError(f"{card_path.name} describes {card.weights_file}, not {path.name}")
+        return _load_ours(card_path, device)
+    if suffix in PICKLE_SUFFIXES:
+        return _load_pickle(path, device)
+    raise CheckpointError(f"{path.name}: unknown checkpoint type; expected .json, .safetensors or .pkl")
+
+
+def convert(
+    pkl: str | Path,
+    out: str | Path,
+    *,
+    name: str | None = None,
+    class_names: list[str] | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> ModelCard:
+    """NVlabs pickle -> our format (see save_model for `out`); provenance records the source file."""
+    loaded = _load_pickle(Path(pkl), "cpu")
+    prov = {**loaded.card.provenance, "converted_at": _now(), **(provenance or {})}
+    return save_model(loaded.net, out, name=name or loaded.card.name, class_names=class_names,
+                      provenance=prov, init_kwargs=loaded.net.init_kwargs)
+
+
+def inspect(path: str | Path) -> dict[str, Any]:
+    """The model card as a JSON-ready dict (incl. the parameter count).
+
+    Our format: read from the card without loading weights. A pickle: loaded (safely) to derive it.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        return _read_card(path).to_dict()
+    if path.suffix.lower() == ".safetensors" and path.with_suffix(".json").is_file():
+        return _read_card(path.with_suffix(".json")).to_dict()
+    return load_model(path).card.to_dict()

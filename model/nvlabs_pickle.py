@@ -1,0 +1,584 @@
+"""Read NVlabs/edm network-snapshot pickles without executing anything from the file.
+
+The official snapshots (``network-snapshot-*.pkl``, ``edm-*.pkl``) are ``pickle.dump`` of
+
+    {'ema': <network>, 'loss_fn': ..., 'augment_pipe': ..., 'dataset_kwargs': {...}}
+
+where every NVlabs class is written by ``torch_utils.persistence`` as a call
+
+    torch_utils.persistence._reconstruct_persistent_obj(meta)
+    meta = {'type': 'class', 'version': 6, 'module_src': <Python source of its module>,
+            'class_name': 'EDMPrecond', 'state': <the object's __dict__, incl. '_init_kwargs'>}
+
+The reference loader ``exec``s ``module_src``; plain ``pickle.load`` would also call any global a
+hostile file names. Here instead:
+
+* A ``pickle.Unpickler`` subclass resolves globals through an explicit allow-list
+  (``_SafeUnpickler.find_class``); every name maps to a function or class defined in this module or
+  to an inert builtin container. Nothing else is ever imported or looked up, so any other global
+  (``os.system``, ``builtins.eval``, ``subprocess.Popen``, the real ``torch.nn`` classes, ...)
+  raises ``UnsafeCheckpointError`` naming it, before it could be called.
+* The persistence hook becomes ``_reconstruct_persistent``: it checks the meta's shape, keeps the
+  class name, the init arguments and the state, and only hashes ``module_src`` (never compiles,
+  executes or imports it). The result is a ``PersistentRecord``, plain data.
+* ``torch.nn`` modules the networks hold (ModuleDict, ...) become ``InertModule`` stand-ins that
+  only keep their state dict.
+* Tensors: with plain ``pickle.dump`` a tensor is ``_rebuild_tensor_v2(storage, offset, size,
+  stride, ...)`` and its storage is ``torch.storage._load_from_bytes(b)``, ``b`` being a legacy
+  ``torch.save`` stream. That stream is parsed here (``_parse_legacy_storage``): its four small
+  pickles go through a second unpickler whose allow-list holds only the ``torch.*Storage`` type
+  names, and the raw little-endian payload becomes a tensor via ``torch.frombuffer``. We do not hand
+  those bytes to ``torch.load(weights_only=True)``: its legacy-format path has had a remote code
+  execution bug (CVE-2025-32434, torch <= 2.5.1), its allow-list is much larger than what a
+  storage needs and changes between torch versions; a 60-line parser of a frozen format is easier
+  to audit.
+* numpy scalars (``numpy.core.multiarray.scalar`` or ``numpy._core.multiarray.scalar``) decode to
+  Python numbers for plain numeric dtypes only.
+
+Only after the whole file has been read into inert records do we build a network, and only from
+our own classes: ``PRECONDITIONERS[class_name]`` with ``model_type`` one of ``NETWORKS``; then the
+collected state_dict must match the network's exactly (keys, shapes, dtypes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import io
+import pickle
+import re
+import struct
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "InertModule",
+    "NetworkSpec",
+    "PersistentRecord",
+    "Snapshot",
+    "UnsafeCheckpointError",
+    "build_precond",
+    "collect_state_dict",
+    "load_network_pickle",
+    "load_state_dict_strict",
+    "read_snapshot",
+    "spec_from_record",
+]
+
+PERSISTENCE_VERSION = 6
+_MAX_LISTED = 12  # keys listed in an error message
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The file asks for something outside the allow-list (a global, an unexpected object shape)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Inert stand-ins
+
+
+@dataclass(eq=False)
+class PersistentRecord:
+    """What ``_reconstruct_persistent_obj(meta)`` stood for, as plain data."""
+
+    class_name: str
+    init_args: list[Any] | None
+    init_kwargs: dict[str, Any] | None
+    state: dict[str, Any]
+    module_src_sha256: str
+    version: int = PERSISTENCE_VERSION
+
+    def __setstate__(self, state: Any) -> None:  # a BUILD opcode aimed at a record is not legitimate
+        raise UnsafeCheckpointError("pickle tries to set state on a persistent object")
+
+
+class InertModule:
+    """Stand-in for an allowed ``torch.nn`` module (ModuleDict, Dropout, ...): keeps its state only."""
+
+    torch_name: ClassVar[str] = "torch.nn.Module"
+    state: dict[str, Any]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # never called by pickle (NEWOBJ uses __new__)
+        raise UnsafeCheckpointError(f"pickle tries to call {self.torch_name}")
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, dict):
+            raise UnsafeCheckpointError(f"unexpected state of type {type(state).__name__} for {self.torch_name}")
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<inert {self.torch_name}>"
+
+
+# The torch.nn modules that may appear inside a network: containers and parameter-free layers.
+_INERT_TORCH_NAMES = (
+    "torch.nn.modules.container.ModuleDict",
+    "torch.nn.modules.container.ModuleList",
+    "torch.nn.modules.container.Sequential",
+    "torch.nn.modules.dropout.Dropout",
+    "torch.nn.modules.activation.SiLU",
+    "torch.nn.modules.activation.ReLU",
+    "torch.nn.modules.activation.GELU",
+    "torch.nn.modules.linear.Identity",
+)
+_INERT_CLASSES: dict[str, type[InertModule]] = {
+    qualname: type(qualname.rsplit(".", 1)[1], (InertModule,), {"torch_name": qualname})
+    for qualname in _INERT_TORCH_NAMES
+}
+
+
+@dataclass(eq=False)
+class _Storage:
+    """A decoded storage: a flat tensor of its dtype."""
+
+    flat: torch.Tensor
+
+
+class _NumpyDtype:
+    """Stand-in for ``numpy.dtype(spec, align, copy)`` + ``__setstate__`` while unpickling."""
+
+    def __init__(self, spec: Any, align: Any = False, copy: Any = False) -> None:
+        if not isinstance(spec, str) or not re.fullmatch(r"[biuf]\d{1,2}", spec):
+            raise UnsafeCheckpointError(f"numpy dtype {spec!r} is not a plain numeric dtype")
+        self.spec = spec
+        self.byteorder = "="
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) < 2 or state[1] not in ("<", ">", "|", "="):
+            raise UnsafeCheckpointError(f"unexpected numpy dtype state {state!r:.80}")
+        self.byteorder = state[1]
+
+
+def _numpy_scalar(dtype: Any, data: Any = None) -> bool | int | float:
+    if not isinstance(dtype, _NumpyDtype) or not isinstance(data, bytes):
+        raise UnsafeCheckpointError("numpy scalar with unexpected arguments")
+    np_dtype = np.dtype(dtype.spec)
+    if dtype.byteorder in "<>":
+        np_dtype = np_dtype.newbyteorder(dtype.byteorder)
+    if len(data) != np_dtype.itemsize:
+        raise CheckpointError(f"numpy scalar of dtype {dtype.spec} has {len(data)} bytes")
+    return np.frombuffer(data, dtype=np_dtype)[0].item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors
+
+
+_STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class _StorageRef:
+    key: str
+    dtype: torch.dtype
+    numel: int
+
+
+class _LegacyUnpickler(pickle.Unpickler):
+    """For the small pickles inside a legacy ``torch.save`` stream: storage type names only."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file)
+        self.refs: dict[str, _StorageRef] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(_STORAGE_DTYPES[name])
+        raise UnsafeCheckpointError(f"refusing global {module}.{name} inside a tensor storage")
+
+    def persistent_load(self, pid: Any) -> _StorageRef:
+        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
+            raise UnsafeCheckpointError(f"unexpected persistent id in a tensor storage: {pid!r:.80}")
+        _, storage_type, key, location, numel, view = pid
+        if not (isinstance(storage_type, _StorageType) and isinstance(key, str) and isinstance(location, str)
+                and isinstance(numel, int) and numel >= 0 and view is None):
+            raise UnsafeCheckpointError(f"unexpected storage reference {pid!r:.80}")
+        ref = _StorageRef(key, storage_type.dtype, numel)
+        if self.refs.setdefault(key, ref) != ref:
+            raise CheckpointError(f"storage {key} declared twice")
+        return ref
+
+
+def _parse_legacy_storage(data: Any) -> _Storage:
+    """Decode ``torch.storage._load_from_bytes(data)``: one storage in the legacy torch.save layout.
+
+    Layout: pickle(magic), pickle(protocol), pickle(sys_info), pickle(the storage, as a persistent
+    id), pickle([keys]), then per key: int64 little-endian element count + raw little-endian data.
+    """
+    if not isinstance(data, bytes):
+        raise UnsafeCheckpointError("tensor storage payload is not bytes")
+    f = io.BytesIO(data)
+    if _LegacyUnpickler(f).load() != _LEGACY_MAGIC:
+        raise CheckpointError("tensor storage has a bad magic number")
+    if _LegacyUnpickler(f).load() != _LEGACY_PROTOCOL:
+        raise CheckpointError("tensor storage has an unknown protocol version")
+    sys_info = _LegacyUnpickler(f).load()
+    if not isinstance(sys_info, dict) or sys_info.get("little_endian") is not True:
+        raise CheckpointError("tensor storage is not little-endian or lacks its sys_info")
+    main = _LegacyUnpickler(f)
+    ref = main.load()
+    keys = _LegacyUnpickler(f).load()
+    if not isinstance(ref, _StorageRef) or keys != [ref.key] or list(main.refs) != [ref.key]:
+        raise CheckpointError("tensor storage payload does not hold exactly one storage")
+    (count,) = struct.unpack("<q", f.read(8).ljust(8, b"\xff"))  # short read -> -1
+    itemsize = torch.empty((), dtype=ref.dtype).element_size()
+    if count != ref.numel:
+        raise CheckpointError(f"tensor storage declares {ref.numel} elements but holds {count}")
+    raw = f.read(count * itemsize)
+    if len(raw) != count * itemsize or f.read(1):
+        raise CheckpointError("tensor storage payload is truncated or has trailing bytes")
+    flat = torch.frombuffer(bytearray(raw), dtype=ref.dtype) if raw else torch.empty(0, dtype=ref.dtype)
+    return _Storage(flat)
+
+
+def _is_int_seq(x: Any) -> bool:
+    return isinstance(x, tuple | list) and all(isinstance(v, int) and not isinstance(v, bool) for v in x)
+
+
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False,
+                    backward_hooks: Any = None, metadata: Any = None) -> torch.Tensor:
+    """``torch._utils._rebuild_tensor_v2`` for plain CPU tensors; hooks must be empty."""
+    if not (isinstance(storage, _Storage) and isinstance(offset, int) and offset >= 0
+            and _is_int_seq(size) and _is_int_seq(stride) and len(size) == len(stride)
+            and all(v >= 0 for v in (*size, *stride))):
+        raise UnsafeCheckpointError("tensor rebuild with unexpected arguments")
+    if backward_hooks or (metadata is not None and not isinstance(metadata, dict)):
+        raise UnsafeCheckpointError("tensor with backward hooks or unknown metadata")
+    numel = storage.flat.numel()
+    if all(size):
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+        if last >= numel:
+            raise CheckpointError(f"tensor of size {list(size)} reaches past its storage ({numel} elements)")
+    elif offset > numel:
+        raise CheckpointError("tensor offset past its storage")
+    return storage.flat.as_strided(tuple(size), tuple(stride), offset)
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: Any = None,
+                       state: Any = None) -> torch.Tensor:
+    """``torch._utils._rebuild_parameter(_with_state)``: the plain tensor is all we keep."""
+    if not isinstance(data, torch.Tensor) or backward_hooks:
+        raise UnsafeCheckpointError("parameter rebuild with unexpected arguments")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# The outer unpickler
+
+
+def _latin1_bytes(text: Any, encoding: Any = "latin1") -> bytes:
+    """``_codecs.encode(text, 'latin1')``: how protocol 0-2 pickles write ``bytes``."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafeCheckpointError("_codecs.encode with arguments other than (str, 'latin1')")
+    return text.encode("latin1")
+
+
+def _reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
+    """``copyreg._reconstructor`` (protocol 0/1 object creation), for our stand-ins only."""
+    if isinstance(cls, type) and issubclass(cls, InertModule) and base is object and state is None:
+        return cls.__new__(cls)
+    if cls is dict and base is dict:  # an EasyDict in protocol 0/1
+        return dict(state or {})
+    raise UnsafeCheckpointError("copyreg._reconstructor with arguments outside the allow-list")
+
+
+def _reconstruct_persistent(meta: Any) -> PersistentRecord:
+    """Our ``torch_utils.persistence._reconstruct_persistent_obj``: meta -> inert record.
+
+    ``module_src`` is only type-checked and hashed: never compiled, executed or imported.
+    """
+    if not isinstance(meta, dict):
+        raise UnsafeCheckpointError("persistent object meta is not a dict")
+    kind, version, src = meta.get("type"), meta.get("version"), meta.get("module_src")
+    class_name, state = meta.get("class_name"), meta.get("state")
+    if kind != "class" or not isinstance(src, str):
+        raise CheckpointError(f"persistent object of unknown type {kind!r}")
+    if version != PERSISTENCE_VERSION:
+        raise CheckpointError(f"persistent object format version {version!r} (expected {PERSISTENCE_VERSION})")
+    if not isinstance(class_name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]{0,200}", class_name):
+        raise CheckpointError(f"persistent object with bad class name {class_name!r:.80}")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"persistent object {class_name} has no state dict")
+    args, kwargs = state.get("_init_args"), state.get("_init_kwargs")
+    if args is not None and not isinstance(args, tuple | list):
+        raise CheckpointError(f"{class_name}: _init_args is a {type(args).__name__}")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise CheckpointError(f"{class_name}: _init_kwargs is a {type(kwargs).__name__}")
+    return PersistentRecord(
+        class_name=class_name,
+        init_args=None if args is None else list(args),
+        init_kwargs=None if kwargs is None else dict(kwargs),
+        state=state,
+        module_src_sha256=hashlib.sha256(src.encode("utf-8", "surrogatepass")).hexdigest(),
+        version=version,
+    )
+
+
+_ALLOWED: dict[str, Any] = {
+    "torch_utils.persistence._reconstruct_persistent_obj": _reconstruct_persistent,
+    "torch._utils._rebuild_tensor_v2": _rebuild_tensor,
+    "torch._utils._rebuild_parameter": _rebuild_parameter,
+    "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
+    "torch.storage._load_from_bytes": _parse_legacy_storage,
+    "collections.OrderedDict": OrderedDict,
+    "builtins.set": set,
+    "builtins.frozenset": frozenset,
+    "builtins.object": object,
+    "builtins.dict": dict,
+    "copyreg._reconstructor": _reconstructor,
+    "_codecs.encode": _latin1_bytes,
+    "dnnlib.util.EasyDict": dict,
+    "dnnlib.EasyDict": dict,
+    "numpy.core.multiarray.scalar": _numpy_scalar,
+    "numpy._core.multiarray.scalar": _numpy_scalar,
+    "numpy.dtype": _NumpyDtype,
+    **_INERT_CLASSES,
+}
+_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        qualname = f"{_PY2_MODULES.get(module, module)}.{name}"
+        try:
+            return _ALLOWED[qualname]
+        except KeyError:
+            raise UnsafeCheckpointError(
+                f"refusing global {qualname}: not on the allow-list of an NVlabs network pickle") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafeCheckpointError("persistent ids are not used by network pickles")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a snapshot
+
+
+@dataclass(eq=False)
+class Snapshot:
+    """The unpickled snapshot dict (inert data) and where it came from."""
+
+    data: dict[str, Any]
+    ema: PersistentRecord
+    source: str        # file name
+    sha256: str        # of the whole file
+
+
+def read_snapshot(path: str | Path) -> Snapshot:
+    """Unpickle a network snapshot into inert records; raises CheckpointError / UnsafeCheckpointError."""
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path.name}: cannot read: {e}") from e
+    return read_snapshot_bytes(blob, source=path.name)
+
+
+def read_snapshot_bytes(blob: bytes, *, source: str = "<bytes>") -> Snapshot:
+    if not blob:
+        raise CheckpointError(f"{source}: empty file, not a network pickle")
+    if blob.startswith(b"PK\x03\x04"):
+        raise CheckpointError(f"{source}: a zip archive (torch.save's format?), not a network snapshot pickle")
+    try:
+        data = _SafeUnpickler(io.BytesIO(blob)).load()
+    except CheckpointError as e:
+        raise type(e)(f"{source}: {e}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            RuntimeError, struct.error, OverflowError, MemoryError, RecursionError) as e:
+        raise CheckpointError(f"{source}: corrupt or truncated pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{source}: a network snapshot is a dict, this pickle holds a {type(data).__name__}")
+    if "ema" not in data:
+        raise CheckpointError(f"{source}: no 'ema' network in the snapshot (keys: {sorted(map(str, data))})")
+    ema = data["ema"]
+    if not isinstance(ema, PersistentRecord):
+        raise CheckpointError(f"{source}: 'ema' is not a persistent NVlabs network object")
+    return Snapshot(data=data, ema=ema, source=source, sha256=hashlib.sha256(blob).hexdigest())
+
+
+def collect_state_dict(record: PersistentRecord | InertModule) -> dict[str, torch.Tensor]:
+    """The state_dict the real module would have: parameters, persistent buffers, then children."""
+    out: dict[str, torch.Tensor] = {}
+
+    def visit(obj: Any, prefix: str, path: tuple[int, ...]) -> None:
+        where = prefix.rstrip(".") or "(root)"
+        if not isinstance(obj, PersistentRecord | InertModule):
+            raise CheckpointError(f"submodule {where} is a {type(obj).__name__}, not a module")
+        if id(obj) in path:
+            raise CheckpointError(f"module {where} contains itself")
+        state = obj.state
+        skip = state.get("_non_persistent_buffers_set") or set()
+        for slot in ("_parameters", "_buffers", "_modules"):
+            entries = state.get(slot, {})
+            if not isinstance(entries, dict):
+                raise CheckpointError(f"{where}: {slot} is a {type(entries).__name__}")
+            for name, value in entries.items():
+                if not isinstance(name, str) or not name or "." in name:
+                    raise CheckpointError(f"{where}: bad entry name {name!r:.80} in {slot}")
+                if value is None or (slot == "_buffers" and name in skip):
+                    continue
+                if slot == "_modules":
+                    visit(value, f"{prefix}{name}.", (*path, id(obj)))
+                elif not isinstance(value, torch.Tensor):
+                    raise CheckpointError(f"{prefix}{name} is a {type(value).__name__}, not a tensor")
+                else:
+                    out[prefix + name] = value
+
+    visit(record, "", ())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Building our network
+
+
+@dataclass
+class NetworkSpec:
+    """How to construct one of our networks: ``PRECONDITIONERS[preconditioner](**precond_kwargs,
+    model_type=architecture, **network_kwargs)``."""
+
+    preconditioner: str
+    architecture: str
+    precond_kwargs: dict[str, Any] = field(default_factory=dict)
+    network_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def init_kwargs(self) -> dict[str, Any]:
+        return {**self.precond_kwargs, "model_type": self.architecture, **self.network_kwargs}
+
+
+def _plain(value: Any, where: str) -> Any:
+    """Init arguments must be plain data (no tensors, no records)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, tuple | list):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise CheckpointError(f"{where} has non-string keys")
+        return {k: _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    raise CheckpointError(f"{where} is a {type(value).__name__}, expected plain data")
+
+
+def spec_from_init(preconditioner: str, args: list[Any] | tuple[Any, ...] | None,
+                   kwargs: Mapping[str, Any] | None, *, source: str = "") -> NetworkSpec:
+    """Split a preconditioner's constructor arguments into its own and the network's."""
+    from model.networks import NETWORKS
+    from model.precond import PRECONDITIONERS
+
+    where = f"{source}: " if source else ""
+    if preconditioner not in PRECONDITIONERS:
+        raise CheckpointError(f"{where}unknown preconditioner {preconditioner!r}; "
+                              f"expected one of {sorted(PRECONDITIONERS)}")
+    cls = PRECONDITIONERS[preconditioner]
+    sig = inspect.signature(cls)
+    try:
+        bound = sig.bind(*(args or ()), **dict(kwargs or {}))
+    except TypeError as e:
+        raise CheckpointError(f"{where}arguments do not fit {preconditioner}: {e}") from None
+    precond_kwargs: dict[str, Any] = {}
+    network_kwargs: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            network_kwargs.update(value)
+        elif sig.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL:
+            raise CheckpointError(f"{where}too many positional arguments for {preconditioner}")
+        else:
+            precond_kwargs[name] = value
+    precond_kwargs = _plain(precond_kwargs, f"{where}{preconditioner} argument")
+    network_kwargs = _plain(network_kwargs, f"{where}network argument")
+    model_type = precond_kwargs.pop("model_type", sig.parameters["model_type"].default)
+    if model_type not in NETWORKS:
+        raise CheckpointError(f"{where}unknown model_type {model_type!r}; expected one of {sorted(NETWORKS)}")
+    return NetworkSpec(preconditioner, model_type, precond_kwargs, network_kwargs)
+
+
+def spec_from_record(record: PersistentRecord, *, source: str = "") -> NetworkSpec:
+    if record.init_kwargs is None and record.init_args is None:
+        raise CheckpointError(f"{source}: {record.class_name} did not record its constructor arguments")
+    return spec_from_init(record.class_name.rsplit(".", 1)[-1], record.init_args, record.init_kwargs,
+                          source=source)
+
+
+def build_precond(spec: NetworkSpec, *, source: str = "") -> torch.nn.Module:
+    """Construct (randomly initialised) ``PRECONDITIONERS[spec.preconditioner]`` from the spec."""
+    from model.networks import NETWORKS
+    from model.precond import PRECONDITIONERS
+
+    where = f"{source}: " if source else ""
+    if spec.preconditioner not in PRECONDITIONERS or spec.architecture not in NETWORKS:
+        raise CheckpointError(f"{where}unknown network {spec.preconditioner}/{spec.architecture}")
+    try:
+        with torch.no_grad():
+            return PRECONDITIONERS[spec.preconditioner](**spec.init_kwargs())
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{where}cannot construct {spec.preconditioner} with "
+                              f"{spec.init_kwargs()}: {type(e).__name__}: {e}") from None
+
+
+def _listing(keys: list[str]) -> str:
+    more = f" (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
+    return ", ".join(keys[:_MAX_LISTED]) + more
+
+
+def load_state_dict_strict(net: torch.nn.Module, tensors: Mapping[str, torch.Tensor], *,
+                           source: str = "") -> None:
+    """Copy `tensors` into `net`; any missing/unexpected key, shape or dtype mismatch is an error."""
+    where = f"{source}: " if source else ""
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    shapes = [f"{k} {list(tensors[k].shape)} vs {list(v.shape)}" for k, v in expected.items()
+              if k in tensors and tensors[k].shape != v.shape]
+    if shapes:
+        problems.append(f"shape mismatch (file vs network): {_listing(shapes)}")
+    dtypes = [f"{k} {tensors[k].dtype} vs {v.dtype}" for k, v in expected.items()
+              if k in tensors and tensors[k].shape == v.shape and tensors[k].dtype != v.dtype]
+    if dtypes:
+        problems.append(f"dtype mismatch (file vs network): {_listing(dtypes)}")
+    if problems:
+        raise CheckpointError(f"{where}weights do not fit {type(net).__name__}: " + "; ".join(problems))
+    net.load_state_dict(dict(tensors), strict=True)
+
+
+def load_network_pickle(path: str | Path) -> tuple[torch.nn.Module, NetworkSpec, Snapshot]:
+    """Read an NVlabs snapshot and return (our network with its weights, its spec, the snapshot)."""
+    snapshot = read_snapshot(path)
+    spec = spec_from_record(snapshot.ema, source=snapshot.source)
+    tensors = collect_state_dict(snapshot.ema)
+    net = build_precond(spec, source=snapshot.source)
+    load_state_dict_strict(net, tensors, source=snapshot.source)
+    return net, spec, snapshot
