@@ -35,12 +35,14 @@ from model.nvlabs_pickle import (
     NetworkSpec,
     PersistentRecord,
     Snapshot,
+    TensorRef,
     UnsafeCheckpointError,
     build_precond,
     load_network_pickle,
     load_state_dict_strict,
     spec_from_init,
 )
+from model.precond import PRECONDITIONERS, Precond
 
 __all__ = [
     "CheckpointError",
@@ -58,7 +60,7 @@ PICKLE_SUFFIXES = (".pkl", ".pickle")
 
 @dataclass
 class LoadedModel:
-    net: torch.nn.Module  # a model.precond preconditioner, eval mode, requires_grad False
+    net: Precond  # eval mode, requires_grad False, on the requested device
     card: ModelCard
 
 
@@ -78,28 +80,30 @@ def _count_parameters(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-def _jsonable(value: Any) -> Any:
+def _jsonable(value: Any, depth: int = 0) -> Any:
     """Plain-JSON view of pickle data for provenance (records -> class + init kwargs)."""
+    if depth > 32:
+        return "<nested too deeply>"
     if isinstance(value, float) and math.isnan(value):
         return "NaN"
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, depth + 1) for v in value]
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): _jsonable(v, depth + 1) for k, v in value.items()}
     if isinstance(value, PersistentRecord):
-        return {"class_name": value.class_name, "init_kwargs": _jsonable(value.init_kwargs)}
+        return {"class_name": value.class_name, "init_kwargs": _jsonable(value.init_kwargs, depth + 1)}
     if isinstance(value, InertModule):
         return {"class_name": value.torch_name}
-    if isinstance(value, torch.Tensor):
-        return f"tensor {list(value.shape)} {value.dtype}"
+    if isinstance(value, TensorRef):
+        return f"tensor {list(value.tensor.shape)} {value.tensor.dtype}"
     return f"<{type(value).__name__}>"
 
 
-def _make_card(net: torch.nn.Module, spec: NetworkSpec, **fields: Any) -> ModelCard:
+def _make_card(net: Precond, spec: NetworkSpec, **fields: Any) -> ModelCard:
     try:
-        return ModelCard(
+        return ModelCard.model_validate(dict(
             format_version=CARD_FORMAT_VERSION,
             architecture=spec.architecture,
             network_kwargs=spec.network_kwargs,
@@ -112,14 +116,14 @@ def _make_card(net: torch.nn.Module, spec: NetworkSpec, **fields: Any) -> ModelC
             sigma_max=float(net.sigma_max),
             parameters=_count_parameters(net),
             **fields,
-        )
+        ))
     except ValidationError as e:
         details = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'card'}: {err['msg']}" for err in e.errors())
         raise CardError(f"cannot describe {spec.preconditioner} with a model card: {details}") from None
 
 
-def _finish(net: torch.nn.Module, spec: NetworkSpec, device: str | torch.device) -> torch.nn.Module:
-    net.init_kwargs = spec.init_kwargs()  # lets save_model() write the card of a loaded network
+def _finish(net: Precond, spec: NetworkSpec, device: str | torch.device) -> Precond:
+    setattr(net, "init_kwargs", spec.init_kwargs())  # noqa: B010 - lets save_model() re-save a loaded net
     return net.eval().requires_grad_(False).to(torch.device(device))
 
 
@@ -153,7 +157,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def save_model(
-    net: torch.nn.Module,
+    net: Precond,
     path: str | Path,
     *,
     name: str,
@@ -173,8 +177,6 @@ def save_model(
     if not isinstance(init_kwargs, dict):
         raise CheckpointError(f"save_model needs the constructor arguments of the {type(net).__name__}: "
                               "pass init_kwargs={...} (the keywords it was built with)")
-    from model.precond import PRECONDITIONERS
-
     kind = type(net).__name__
     if PRECONDITIONERS.get(kind) is not type(net):
         raise CheckpointError(f"save_model expects one of {sorted(PRECONDITIONERS)}, got {type(net).__qualname__}")
@@ -293,7 +295,7 @@ def convert(
     loaded = _load_pickle(Path(pkl), "cpu")
     prov = {**loaded.card.provenance, "converted_at": _now(), **(provenance or {})}
     return save_model(loaded.net, out, name=name or loaded.card.name, class_names=class_names,
-                      provenance=prov, init_kwargs=loaded.net.init_kwargs)
+                      provenance=prov, init_kwargs=getattr(loaded.net, "init_kwargs"))  # noqa: B009
 
 
 def inspect(path: str | Path) -> dict[str, Any]:

@@ -52,10 +52,13 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
+
+from model.networks import NETWORKS
+from model.precond import PRECONDITIONERS, Precond
 
 __all__ = [
     "CheckpointError",
@@ -63,6 +66,7 @@ __all__ = [
     "NetworkSpec",
     "PersistentRecord",
     "Snapshot",
+    "TensorRef",
     "UnsafeCheckpointError",
     "build_precond",
     "collect_state_dict",
@@ -74,6 +78,7 @@ __all__ = [
 
 PERSISTENCE_VERSION = 6
 _MAX_LISTED = 12  # keys listed in an error message
+_MAX_DEPTH = 64   # nesting of modules / init arguments
 
 
 class CheckpointError(ValueError):
@@ -88,8 +93,16 @@ class UnsafeCheckpointError(CheckpointError):
 # Inert stand-ins
 
 
+class _Inert:
+    """Base of the objects our allow-listed callables return: a BUILD opcode (``__setstate__``)
+    aimed at one of them is refused, so a file can never set attributes on them."""
+
+    def __setstate__(self, state: Any) -> None:
+        raise UnsafeCheckpointError(f"pickle tries to set state on a {type(self).__name__}")
+
+
 @dataclass(eq=False)
-class PersistentRecord:
+class PersistentRecord(_Inert):
     """What ``_reconstruct_persistent_obj(meta)`` stood for, as plain data."""
 
     class_name: str
@@ -98,9 +111,6 @@ class PersistentRecord:
     state: dict[str, Any]
     module_src_sha256: str
     version: int = PERSISTENCE_VERSION
-
-    def __setstate__(self, state: Any) -> None:  # a BUILD opcode aimed at a record is not legitimate
-        raise UnsafeCheckpointError("pickle tries to set state on a persistent object")
 
 
 class InertModule:
@@ -138,11 +148,29 @@ _INERT_CLASSES: dict[str, type[InertModule]] = {
 }
 
 
-@dataclass(eq=False)
-class _Storage:
+class _Storage(_Inert):
     """A decoded storage: a flat tensor of its dtype."""
 
-    flat: torch.Tensor
+    def __init__(self, flat: torch.Tensor) -> None:
+        self.flat = flat
+
+
+class TensorRef(_Inert):
+    """A tensor read from the file. Kept wrapped while unpickling so no pickle opcode ever
+    reaches a real torch object; ``collect_state_dict`` unwraps it."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def __repr__(self) -> str:
+        return f"TensorRef({list(self.tensor.shape)}, {self.tensor.dtype})"
+
+
+class _OrderedDict(OrderedDict):  # type: ignore[type-arg]
+    """collections.OrderedDict as the file sees it: items via SETITEMS only, no BUILD."""
+
+    def __setstate__(self, state: Any) -> None:
+        raise UnsafeCheckpointError("pickle tries to set attributes on an OrderedDict")
 
 
 class _NumpyDtype:
@@ -165,7 +193,7 @@ def _numpy_scalar(dtype: Any, data: Any = None) -> bool | int | float:
         raise UnsafeCheckpointError("numpy scalar with unexpected arguments")
     np_dtype = np.dtype(dtype.spec)
     if dtype.byteorder in "<>":
-        np_dtype = np_dtype.newbyteorder(dtype.byteorder)
+        np_dtype = np_dtype.newbyteorder(cast(Any, dtype.byteorder))
     if len(data) != np_dtype.itemsize:
         raise CheckpointError(f"numpy scalar of dtype {dtype.spec} has {len(data)} bytes")
     return np.frombuffer(data, dtype=np_dtype)[0].item()
@@ -192,12 +220,12 @@ _LEGACY_PROTOCOL = 1001
 
 
 @dataclass(frozen=True)
-class _StorageType:
+class _StorageType(_Inert):
     dtype: torch.dtype
 
 
 @dataclass(frozen=True)
-class _StorageRef:
+class _StorageRef(_Inert):
     key: str
     dtype: torch.dtype
     numel: int
@@ -265,7 +293,7 @@ def _is_int_seq(x: Any) -> bool:
 
 
 def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False,
-                    backward_hooks: Any = None, metadata: Any = None) -> torch.Tensor:
+                    backward_hooks: Any = None, metadata: Any = None) -> TensorRef:
     """``torch._utils._rebuild_tensor_v2`` for plain CPU tensors; hooks must be empty."""
     if not (isinstance(storage, _Storage) and isinstance(offset, int) and offset >= 0
             and _is_int_seq(size) and _is_int_seq(stride) and len(size) == len(stride)
@@ -280,15 +308,15 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_
             raise CheckpointError(f"tensor of size {list(size)} reaches past its storage ({numel} elements)")
     elif offset > numel:
         raise CheckpointError("tensor offset past its storage")
-    return storage.flat.as_strided(tuple(size), tuple(stride), offset)
+    return TensorRef(storage.flat.as_strided(tuple(size), tuple(stride), offset))
 
 
 def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: Any = None,
-                       state: Any = None) -> torch.Tensor:
+                       state: Any = None) -> TensorRef:
     """``torch._utils._rebuild_parameter(_with_state)``: the plain tensor is all we keep."""
-    if not isinstance(data, torch.Tensor) or backward_hooks:
+    if not isinstance(data, TensorRef) or backward_hooks:
         raise UnsafeCheckpointError("parameter rebuild with unexpected arguments")
-    return data
+    return TensorRef(data.tensor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +377,7 @@ _ALLOWED: dict[str, Any] = {
     "torch._utils._rebuild_parameter": _rebuild_parameter,
     "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
     "torch.storage._load_from_bytes": _parse_legacy_storage,
-    "collections.OrderedDict": OrderedDict,
+    "collections.OrderedDict": _OrderedDict,
     "builtins.set": set,
     "builtins.frozenset": frozenset,
     "builtins.object": object,
@@ -373,7 +401,7 @@ class _SafeUnpickler(pickle.Unpickler):
             return _ALLOWED[qualname]
         except KeyError:
             raise UnsafeCheckpointError(
-                f"refusing global {qualname}: not on the allow-list of an NVlabs network pickle") from None
+                f"refusing global {qualname:.200}: not on the allow-list of an NVlabs network pickle") from None
 
     def persistent_load(self, pid: Any) -> Any:
         raise UnsafeCheckpointError("persistent ids are not used by network pickles")
@@ -435,6 +463,8 @@ def collect_state_dict(record: PersistentRecord | InertModule) -> dict[str, torc
             raise CheckpointError(f"submodule {where} is a {type(obj).__name__}, not a module")
         if id(obj) in path:
             raise CheckpointError(f"module {where} contains itself")
+        if len(path) > _MAX_DEPTH:
+            raise CheckpointError(f"modules nested deeper than {_MAX_DEPTH} levels at {where:.200}")
         state = obj.state
         skip = state.get("_non_persistent_buffers_set") or set()
         for slot in ("_parameters", "_buffers", "_modules"):
@@ -448,10 +478,10 @@ def collect_state_dict(record: PersistentRecord | InertModule) -> dict[str, torc
                     continue
                 if slot == "_modules":
                     visit(value, f"{prefix}{name}.", (*path, id(obj)))
-                elif not isinstance(value, torch.Tensor):
+                elif not isinstance(value, TensorRef):
                     raise CheckpointError(f"{prefix}{name} is a {type(value).__name__}, not a tensor")
                 else:
-                    out[prefix + name] = value
+                    out[prefix + name] = value.tensor
 
     visit(record, "", ())
     return out
@@ -475,25 +505,24 @@ class NetworkSpec:
         return {**self.precond_kwargs, "model_type": self.architecture, **self.network_kwargs}
 
 
-def _plain(value: Any, where: str) -> Any:
+def _plain(value: Any, where: str, depth: int = 0) -> Any:
     """Init arguments must be plain data (no tensors, no records)."""
+    if depth > _MAX_DEPTH:
+        raise CheckpointError(f"{where} is nested too deeply")
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, tuple | list):
-        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_plain(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
     if isinstance(value, dict):
         if not all(isinstance(k, str) for k in value):
             raise CheckpointError(f"{where} has non-string keys")
-        return {k: _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+        return {k: _plain(v, f"{where}[{k!r}]", depth + 1) for k, v in value.items()}
     raise CheckpointError(f"{where} is a {type(value).__name__}, expected plain data")
 
 
 def spec_from_init(preconditioner: str, args: list[Any] | tuple[Any, ...] | None,
                    kwargs: Mapping[str, Any] | None, *, source: str = "") -> NetworkSpec:
     """Split a preconditioner's constructor arguments into its own and the network's."""
-    from model.networks import NETWORKS
-    from model.precond import PRECONDITIONERS
-
     where = f"{source}: " if source else ""
     if preconditioner not in PRECONDITIONERS:
         raise CheckpointError(f"{where}unknown preconditioner {preconditioner!r}; "
@@ -528,25 +557,22 @@ def spec_from_record(record: PersistentRecord, *, source: str = "") -> NetworkSp
                           source=source)
 
 
-def build_precond(spec: NetworkSpec, *, source: str = "") -> torch.nn.Module:
+def build_precond(spec: NetworkSpec, *, source: str = "") -> Precond:
     """Construct (randomly initialised) ``PRECONDITIONERS[spec.preconditioner]`` from the spec."""
-    from model.networks import NETWORKS
-    from model.precond import PRECONDITIONERS
-
     where = f"{source}: " if source else ""
     if spec.preconditioner not in PRECONDITIONERS or spec.architecture not in NETWORKS:
         raise CheckpointError(f"{where}unknown network {spec.preconditioner}/{spec.architecture}")
     try:
         with torch.no_grad():
             return PRECONDITIONERS[spec.preconditioner](**spec.init_kwargs())
-    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+    except Exception as e:  # whatever the constructor objects to, the checkpoint is at fault
         raise CheckpointError(f"{where}cannot construct {spec.preconditioner} with "
                               f"{spec.init_kwargs()}: {type(e).__name__}: {e}") from None
 
 
 def _listing(keys: list[str]) -> str:
     more = f" (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
-    return ", ".join(keys[:_MAX_LISTED]) + more
+    return ", ".join(k[:200] for k in keys[:_MAX_LISTED]) + more
 
 
 def load_state_dict_strict(net: torch.nn.Module, tensors: Mapping[str, torch.Tensor], *,
@@ -574,7 +600,7 @@ def load_state_dict_strict(net: torch.nn.Module, tensors: Mapping[str, torch.Ten
     net.load_state_dict(dict(tensors), strict=True)
 
 
-def load_network_pickle(path: str | Path) -> tuple[torch.nn.Module, NetworkSpec, Snapshot]:
+def load_network_pickle(path: str | Path) -> tuple[Precond, NetworkSpec, Snapshot]:
     """Read an NVlabs snapshot and return (our network with its weights, its spec, the snapshot)."""
     snapshot = read_snapshot(path)
     spec = spec_from_record(snapshot.ema, source=snapshot.source)

@@ -56,6 +56,17 @@ class Call:
         return self.func, self.args
 
 
+class CallThenBuild(Call):
+    """Pickles as ``func(*args)`` followed by a BUILD opcode with `state` (``obj.__setstate__``)."""
+
+    def __init__(self, func: Any, args: tuple[Any, ...], state: Any) -> None:
+        super().__init__(func, *args)
+        self.state = state
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...], Any]:  # type: ignore[override]
+        return self.func, self.args, self.state
+
+
 class EasyDict(dict):
     """Pickles like dnnlib.util.EasyDict (NEWOBJ + SETITEMS)."""
 
@@ -89,9 +100,9 @@ class NVlabsPickler(pickle._Pickler):  # the pure-Python pickler: its save_globa
         elif id(obj) in _ALIASES:
             target = _ALIASES[id(obj)]
         else:
-            return super().save_global(obj, name)
-        self.write(pickle.GLOBAL + f"{target[0]}\n{target[1]}\n".encode())
-        self.memoize(obj)
+            return super().save_global(obj, name)  # type: ignore[misc]  # pickle._Pickler: untyped
+        self.write(pickle.GLOBAL + f"{target[0]}\n{target[1]}\n".encode())  # type: ignore[attr-defined]
+        self.memoize(obj)  # type: ignore[attr-defined]
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, torch.nn.Module) and type(obj).__module__ in PERSISTENT_MODULES:

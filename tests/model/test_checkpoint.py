@@ -9,7 +9,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -25,7 +25,7 @@ from model.nvlabs_pickle import (
     UnsafeCheckpointError,
     read_snapshot,
 )
-from model.precond import PRECONDITIONERS
+from model.precond import PRECONDITIONERS, Precond
 from tests.model import nvlabs_format as nv
 
 torch.set_num_threads(1)
@@ -40,7 +40,7 @@ ARCHS = {"ddpmpp": DDPMPP, "ncsnpp": NCSNPP, "adm": ADM}
 
 
 def make_net(precond: str = "EDMPrecond", arch: str = "ddpmpp", label_dim: int = 0,
-             seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
+             seed: int = 0) -> tuple[Precond, dict[str, Any]]:
     kwargs = dict(img_resolution=8, img_channels=3, label_dim=label_dim, **ARCHS[arch])
     torch.manual_seed(seed)
     net = PRECONDITIONERS[precond](**kwargs)
@@ -50,7 +50,7 @@ def make_net(precond: str = "EDMPrecond", arch: str = "ddpmpp", label_dim: int =
     return net.eval(), kwargs
 
 
-def run(net: torch.nn.Module) -> torch.Tensor:
+def run(net: Precond) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 8, 8, generator=g)
     sigma = torch.tensor([0.3, 4.0])
@@ -72,7 +72,7 @@ def write(path: Path, blob: bytes) -> Path:
 
 
 @pytest.fixture(scope="module")
-def snapshot() -> tuple[torch.nn.Module, bytes]:
+def snapshot() -> tuple[Precond, bytes]:
     net, kwargs = make_net("EDMPrecond", "ddpmpp", label_dim=3)
     return net, nv.snapshot_bytes(net, kwargs)
 
@@ -105,7 +105,7 @@ def test_nvlabs_pickle_round_trip_is_bit_exact(tmp_path: Path, precond: str, arc
     assert ModelCard.model_validate_json(card.to_json()) == card
 
 
-def test_converted_model_loads_bit_exact(tmp_path: Path, snapshot: tuple[torch.nn.Module, bytes]) -> None:
+def test_converted_model_loads_bit_exact(tmp_path: Path, snapshot: tuple[Precond, bytes]) -> None:
     net, blob = snapshot
     pkl = write(tmp_path / "edm-cifar10-32x32-cond-vp.pkl", blob)
     card = convert(pkl, tmp_path / "out", class_names=["a", "b", "c"], provenance={"training_command": "train.py"})
@@ -138,7 +138,7 @@ def test_numpy_scalars_in_both_spellings(tmp_path: Path, numpy_module: str) -> N
 
 
 def test_reader_returns_inert_records_and_imports_nothing(tmp_path: Path,
-                                                          snapshot: tuple[torch.nn.Module, bytes]) -> None:
+                                                          snapshot: tuple[Precond, bytes]) -> None:
     snap = read_snapshot(write(tmp_path / "s.pkl", snapshot[1]))
     assert isinstance(snap.ema, PersistentRecord) and snap.ema.class_name == "EDMPrecond"
     assert snap.ema.init_kwargs is not None and snap.ema.init_kwargs["model_type"] == "SongUNet"
@@ -203,7 +203,7 @@ def test_code_execution_globals_are_refused(tmp_path: Path, target: str) -> None
     assert marker.exists()
 
 
-def test_attack_nested_in_loss_fn_is_refused(tmp_path: Path, snapshot: tuple[torch.nn.Module, bytes]) -> None:
+def test_attack_nested_in_loss_fn_is_refused(tmp_path: Path, snapshot: tuple[Precond, bytes]) -> None:
     marker = tmp_path / "pwned"
     net, _ = snapshot
     loss = nv.PersistentObject("EDMLoss", {"P_mean": -1.2, "weights": [{"x": _SystemCall(f"touch '{marker}'")}],
@@ -255,6 +255,22 @@ def test_other_globals_are_refused(tmp_path: Path, module: str, name: str) -> No
         load_model(write(tmp_path / "g.pkl", blob))
 
 
+@pytest.mark.parametrize("func,args", [
+    (nv.Global("collections", "OrderedDict"), ()),
+    (nv.Global("torch._utils", "_rebuild_tensor_v2"),
+     (nv.Call(nv.Global("torch.storage", "_load_from_bytes"), nv.legacy_storage_bytes()), 0, (4,), (1,), False, {})),
+    (nv.Global("torch_utils.persistence", "_reconstruct_persistent_obj"),
+     (dict(type="class", version=6, module_src="", class_name="EDMPrecond", state={}),)),
+    (nv.Global("numpy", "dtype"), ("f8", False, True)),
+])
+def test_setting_attributes_on_loaded_objects_is_refused(tmp_path: Path, func: Any, args: Any) -> None:
+    """A BUILD opcode after an allowed call may only feed the stand-ins' own checked __setstate__."""
+    state = {"items": 1} if func.name != "dtype" else ("|", 1)
+    blob = nv.dumps({"ema": nv.CallThenBuild(func, args, state)})
+    with pytest.raises(UnsafeCheckpointError, match="set state|set attributes|dtype state"):
+        read_snapshot(write(tmp_path / "b.pkl", blob))
+
+
 def test_attack_inside_tensor_storage_is_refused(tmp_path: Path) -> None:
     net, _ = make_net()
     payload = nv.legacy_storage_bytes(inner_global=("os", "system"))
@@ -267,7 +283,7 @@ def test_real_storage_payload_decodes(tmp_path: Path) -> None:
     blob = nv.dumps({"ema": nv.PersistentObject("X", {"_parameters": {"w": nv.tensor_from_payload(
         nv.legacy_storage_bytes())}})})
     snap = read_snapshot(write(tmp_path / "t.pkl", blob))
-    assert torch.equal(snap.ema.state["_parameters"]["w"], torch.arange(4, dtype=torch.float32))
+    assert torch.equal(snap.ema.state["_parameters"]["w"].tensor, torch.arange(4, dtype=torch.float32))
 
 
 def test_persistent_meta_shape_is_checked(tmp_path: Path) -> None:
@@ -285,7 +301,7 @@ def test_persistent_meta_shape_is_checked(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("cut", [1, 2, 100, 5000, 0.5, -200, -1])
-def test_truncated_pickle(tmp_path: Path, snapshot: tuple[torch.nn.Module, bytes], cut: float) -> None:
+def test_truncated_pickle(tmp_path: Path, snapshot: tuple[Precond, bytes], cut: float) -> None:
     blob = snapshot[1]
     n = int(len(blob) * cut) if isinstance(cut, float) else cut
     with pytest.raises(CheckpointError, match="trunc.pkl"):
@@ -337,7 +353,7 @@ def test_weights_that_do_not_fit_are_named(tmp_path: Path) -> None:
     shape = nv.snapshot_bytes(net, {**kwargs, "augment_dim": 5})
     with pytest.raises(CheckpointError, match=r"shape mismatch .*model\.map_augment\.weight \[16, 9\] vs \[16, 5\]"):
         load_model(write(tmp_path / "b.pkl", shape))
-    del net.model.map_layer1._parameters["bias"]
+    del cast(Any, net.model).map_layer1._parameters["bias"]
     with pytest.raises(CheckpointError, match=r"missing keys: model\.map_layer1\.bias"):
         load_model(write(tmp_path / "c.pkl", nv.snapshot_bytes(net, kwargs)))
 
