@@ -1,0 +1,133 @@
+"""What gateway and worker say to each other through Redis: pydantic models only, no torch.
+
+A job is born in the gateway as a `JobSpec` (the request resolved against the model card), travels
+as the kwargs of an RQ job, and ends as a `JobResult` (the RQ return value) plus one PNG per image.
+While it runs, the worker writes `Progress`; each live worker publishes a `WorkerInfo` heartbeat.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SOLVERS = ("euler", "heun")
+DISCRETIZATIONS = ("vp", "ve", "iddpm", "edm")
+SCHEDULES = ("vp", "ve", "linear")
+SCALINGS = ("vp", "none")
+
+SEED_LIMIT = 1 << 32  # the reference seeds each generator with seed % 2**32; we refuse the aliases
+
+
+class SamplerParams(BaseModel):
+    """The sampler options of the reference's generate.py, with its defaults.
+
+    None for sigma_min / sigma_max picks the discretization's default range; None for S_max means
+    infinity (JSON has no infinity). solver, discretization, schedule and scaling all None select
+    the EDM sampler (Algorithm 2); any of them set selects the generalised one (Algorithm 1).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_steps: int = Field(18, ge=2, description="noise levels N; NFE = 2N-1 (Heun) or N (Euler)")
+    sigma_min: float | None = Field(None, gt=0, allow_inf_nan=False)
+    sigma_max: float | None = Field(None, gt=0, allow_inf_nan=False)
+    rho: float = Field(7.0, gt=0, allow_inf_nan=False)
+    S_churn: float = Field(0.0, ge=0, allow_inf_nan=False)
+    S_min: float = Field(0.0, ge=0, allow_inf_nan=False)
+    S_max: float | None = Field(None, ge=0, allow_inf_nan=False, description="None = infinity")
+    S_noise: float = Field(1.0, ge=0, allow_inf_nan=False)
+    solver: Literal["euler", "heun"] | None = None
+    discretization: Literal["vp", "ve", "iddpm", "edm"] | None = None
+    schedule: Literal["vp", "ve", "linear"] | None = None
+    scaling: Literal["vp", "none"] | None = None
+
+    @property
+    def nfe_per_image(self) -> int:
+        """Network evaluations per image: Heun's last step is a plain Euler step."""
+        return self.num_steps if self.solver == "euler" else 2 * self.num_steps - 1
+
+    def settings_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for model.generate.SamplerSettings (S_max None -> inf)."""
+        kwargs = self.model_dump()
+        kwargs["S_max"] = math.inf if self.S_max is None else self.S_max
+        return kwargs
+
+
+class JobSpec(BaseModel):
+    """One accepted request, resolved: explicit seeds, one class label (or None = drawn) per seed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    seeds: list[int]
+    class_labels: list[int | None]
+    sampler: SamplerParams = SamplerParams()
+
+    @property
+    def num_images(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def nfe_total(self) -> int:
+        return self.num_images * self.sampler.nfe_per_image
+
+    def batch_key(self) -> tuple[str, SamplerParams]:
+        """Jobs with equal keys may share forward passes (request-level batching)."""
+        return (self.model, self.sampler)
+
+
+class JobStatus(enum.StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+class Progress(BaseModel):
+    """Where a running job stands. nfe counts network evaluations per image, summed over images."""
+
+    step: int = 0
+    num_steps: int = 0
+    nfe: int = 0
+    nfe_total: int = 0
+    images_done: int = 0
+    images_total: int = 0
+
+
+class ImageInfo(BaseModel):
+    """One finished image: its index in the job, seed, the class actually used, its PNG metadata."""
+
+    index: int
+    seed: int
+    class_label: int | None
+    metadata: dict[str, str]
+
+
+class JobResult(BaseModel):
+    """The RQ return value of a succeeded job (PNG bytes are stored beside it, one key per image)."""
+
+    images: list[ImageInfo]
+    worker: str
+    sampling_s: float
+
+
+class WorkerInfo(BaseModel):
+    """A worker's heartbeat: alive while the key exists (its TTL is a few heartbeats)."""
+
+    id: str
+    models: list[str]
+    device: str
+    dtype: str
+    pid: int
+    host: str
+    busy: bool = False
+    nfe_per_s: float = Field(0.0, description="recent throughput, for Retry-After estimates")
+    started_at: float

@@ -1,0 +1,78 @@
+"""What POST /v1/generate and POST /v1/jobs share: admit a request, and show a job."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+from service.catalog import Catalog
+from service.contract import JobSpec, JobStatus
+from service.errors import Problem
+from service.ledger import IdempotencyConflict, JobRecord, Ledger
+from service.metrics import GatewayMetrics
+from service.schemas import GenerateRequest, ImageView, JobView, Timings
+from service.settings import GatewaySettings
+from service.validation import resolve
+
+
+def resolve_request(req: GenerateRequest, settings: GatewaySettings, ledger: Ledger, catalog: Catalog) -> JobSpec:
+    """The request checked against its model card (404 unknown model, 422 bad field)."""
+    model = req.model or catalog.default
+    if model is None or model not in catalog.models:
+        raise Problem(404, f"unknown model {model!r}; GET /v1/models lists them", field="model")
+    card = catalog.card(model, ledger.published_cards)
+    if card is None:
+        raise Problem(503, f"model {model!r} is not loaded by any worker yet", field="model",
+                      headers={"Retry-After": "5"})
+    return resolve(req, model, card, max_images=settings.max_images, max_steps=settings.max_steps)
+
+
+def admit(spec: JobSpec, owner: str, *, settings: GatewaySettings, ledger: Ledger, metrics: GatewayMetrics,
+          idempotency_key: str | None, body: GenerateRequest) -> tuple[str, bool]:
+    """Enqueue unless the queue is full (429 with Retry-After); returns (job id, created)."""
+    queued = ledger.queued_nfe()
+    if queued > 0 and queued + spec.nfe_total > settings.max_queued_nfe:
+        metrics.jobs.labels(spec.model, "rejected").inc()
+        rate = sum(w.nfe_per_s for w in ledger.live_workers())
+        excess = queued + spec.nfe_total - settings.max_queued_nfe
+        wait = 5 if rate <= 0 else min(3600, max(1, math.ceil(excess / rate)))
+        raise Problem(429, f"the queue holds {queued} network evaluations (limit {settings.max_queued_nfe}); "
+                      f"retry in about {wait} s", headers={"Retry-After": str(wait)}, queued_nfe=queued)
+    body_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    try:
+        job_id, created = ledger.submit(spec, owner, idempotency_key=idempotency_key, body_hash=body_hash)
+    except IdempotencyConflict:
+        raise Problem(422, "this Idempotency-Key was used with a different request body",
+                      field="Idempotency-Key") from None
+    if created:
+        metrics.jobs_submitted.labels(spec.model).inc()
+    return job_id, created
+
+
+def visible_record(ledger: Ledger, job_id: str, owner: str) -> JobRecord:
+    """The job if it exists and belongs to `owner`; else 404 (the same answer either way)."""
+    record = ledger.record(job_id) if ledger.owner_of(job_id) == owner else None
+    if record is None:
+        raise Problem(404, f"no job {job_id!r}")
+    return record
+
+
+def job_url(job_id: str) -> str:
+    return f"/v1/jobs/{job_id}"
+
+
+def job_view(record: JobRecord) -> JobView:
+    created, started, finished = record.created_at, record.started_at, record.finished_at
+    result = record.result
+    images = [] if result is None else [
+        ImageView(index=i.index, seed=i.seed, class_label=i.class_label, metadata=i.metadata,
+                  url=f"{job_url(record.id)}/images/{i.index}.png") for i in result.images]
+    return JobView(
+        id=record.id, status=record.status, model=record.spec.model, seeds=record.spec.seeds,
+        queue_position=record.queue_position, progress=record.progress, created_at=created,
+        started_at=started, finished_at=finished,
+        timings=Timings(queue_wait_s=None if started is None else round(started - created, 4),
+                        sampling_s=None if result is None else round(result.sampling_s, 4),
+                        total_s=None if finished is None else round(finished - created, 4)),
+        reruns=record.reruns, error=record.error if record.status is not JobStatus.succeeded else None,
+        images=images, cancel_requested=record.cancel_requested)

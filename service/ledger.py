@@ -1,0 +1,338 @@
+"""The job ledger in Redis: RQ jobs on one queue per model, plus a few edm:* keys. No torch.
+
+RQ holds each job (spec as JSON kwargs, status, result) so that `rq info` shows the queues, but
+RQ's own worker never runs them: our worker claims ids from RQ's queue lists itself (see
+worker/queue.py). Beside RQ's keys, per job:
+
+    edm:job:{id}      hash: owner, model, images, nfe, qnfe (NFE still counted as queued),
+                      reruns, cancel, created/started/finished, progress fields, error, execution
+    edm:png:{id}:{k}  PNG bytes of image k
+    edm:done:{id}     list: one element pushed when the job reaches a terminal state
+
+and globally: edm:queued_nfe (NFE of queued jobs),
+edm:workers + edm:hb:{worker} (heartbeats), edm:claimed:{worker} (ids a worker holds),
+edm:cards (model cards published by workers), edm:idem:{owner}:{key} (Idempotency-Key).
+
+This module holds the key layout, the terminal-state writes both sides use, and the gateway's
+operations; the worker's claim / heartbeat / reaper operations live in worker/queue.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from rq import Queue
+from rq.job import Job
+from rq.job import JobStatus as RQStatus
+from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+from rq.results import Result
+from rq.serializers import JSONSerializer
+
+from service.contract import JobResult, JobSpec, JobStatus, Progress, WorkerInfo
+
+JOB_FUNC = "worker.tasks.generate"  # what `rq info` shows; our worker runs it, never RQ's
+
+_STATUS = {
+    RQStatus.QUEUED: JobStatus.queued, RQStatus.CREATED: JobStatus.queued,
+    RQStatus.DEFERRED: JobStatus.queued, RQStatus.SCHEDULED: JobStatus.queued,
+    RQStatus.STARTED: JobStatus.running,
+    RQStatus.FINISHED: JobStatus.succeeded,
+    RQStatus.FAILED: JobStatus.failed, RQStatus.STOPPED: JobStatus.failed,
+    RQStatus.CANCELED: JobStatus.cancelled,
+}
+
+
+class Keys:
+    """The Redis key layout (RQ's own keys come from RQ)."""
+
+    WORKERS = "edm:workers"
+    CARDS = "edm:cards"
+    QUEUED_NFE = "edm:queued_nfe"
+    REAPER_LOCK = "edm:lock:reaper"
+    CANCEL_CHANNEL = "edm:cancel"  # pub/sub: job ids whose cancellation was just requested
+
+    @staticmethod
+    def job(job_id: str) -> str:
+        return f"edm:job:{job_id}"
+
+    @staticmethod
+    def png(job_id: str, index: int) -> str:
+        return f"edm:png:{job_id}:{index}"
+
+    @staticmethod
+    def done(job_id: str) -> str:
+        return f"edm:done:{job_id}"
+
+    @staticmethod
+    def claimed(worker_id: str) -> str:
+        return f"edm:claimed:{worker_id}"
+
+    @staticmethod
+    def heartbeat(worker_id: str) -> str:
+        return f"edm:hb:{worker_id}"
+
+    @staticmethod
+    def idempotency(owner: str, key: str) -> str:
+        return f"edm:idem:{owner}:{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+
+    @staticmethod
+    def queue(model: str) -> str:
+        return Queue.redis_queue_namespace_prefix + model
+
+    @staticmethod
+    def rq_job(job_id: str) -> str:
+        return Job.redis_job_namespace_prefix + job_id
+
+
+def connect(url: str, timeout_s: float) -> redis.Redis:
+    """A client that fails fast: short timeouts, one immediate retry (which reconnects)."""
+    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=min(timeout_s, 1.0),
+                                retry=Retry(NoBackoff(), 1))
+
+
+def new_job_id() -> str:
+    return secrets.token_urlsafe(18)  # 144 random bits; no ':' (RQ splits execution ids on it)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """Everything GET /v1/jobs/{id} shows."""
+
+    id: str
+    status: JobStatus
+    spec: JobSpec
+    queue_position: int | None
+    progress: Progress
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    reruns: int
+    error: str | None
+    result: JobResult | None
+    cancel_requested: bool = False
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with a different request body."""
+
+
+# -- writes shared by gateway and worker ----------------------------------------------------------
+
+def _float(value: Any) -> float | None:
+    return float(value) if value not in (None, b"", "") else None
+
+
+def finish(conn: redis.Redis, pipe: Any, job_id: str, status: JobStatus, *, ttl: int,
+           result: JobResult | None = None, error: str | None = None, worker: str = "") -> None:
+    """Queue the writes that put a job in a terminal state on `pipe` (a MULTI pipeline)."""
+    job = Job(job_id, connection=conn, serializer=JSONSerializer)
+    job.origin = conn.hget(Keys.job(job_id), "model").decode()  # type: ignore[union-attr]
+    now = time.time()
+    execution = conn.hget(Keys.job(job_id), "execution")
+    if execution:
+        pipe.zrem(StartedJobRegistry(job.origin, connection=conn).key, execution)
+    fields: dict[str, Any] = {"finished": now}
+    if status is JobStatus.succeeded:
+        assert result is not None
+        job.set_status(RQStatus.FINISHED, pipeline=pipe)
+        Result.create(job, Result.Type.SUCCESSFUL, ttl, return_value=result.model_dump(mode="json"),
+                      worker_name=worker, pipeline=pipe)
+        FinishedJobRegistry(job.origin, connection=conn).add(job, ttl, pipeline=pipe)
+    elif status is JobStatus.failed:
+        fields["error"] = error or "failed"
+        job.set_status(RQStatus.FAILED, pipeline=pipe)
+        Result.create_failure(job, ttl, exc_string=fields["error"], worker_name=worker, pipeline=pipe)
+        FailedJobRegistry(job.origin, connection=conn).add(job, ttl=ttl, exc_string=fields["error"],
+                                                           pipeline=pipe)
+    else:
+        fields["error"] = error or "cancelled"
+        job.set_status(RQStatus.CANCELED, pipeline=pipe)
+        CanceledJobRegistry(job.origin, connection=conn).add(job, pipeline=pipe)
+    pipe.hset(Keys.rq_job(job_id), "ended_at", rq_time(now))
+    pipe.hset(Keys.job(job_id), mapping=fields)
+    for key in (Keys.job(job_id), Keys.rq_job(job_id)):
+        pipe.expire(key, ttl)
+    pipe.rpush(Keys.done(job_id), status.value)
+    pipe.expire(Keys.done(job_id), 60)
+
+
+def rq_time(ts: float) -> str:
+    """A timestamp as RQ writes it in its job hashes."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1e6):06d}Z"
+
+
+# -- the gateway's operations ---------------------------------------------------------------------
+
+# Remove a job from its queue if it is still there, and stop counting its NFE as queued.
+_UNQUEUE = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+local qnfe = tonumber(redis.call('HGET', KEYS[2], 'qnfe') or '0')
+if qnfe > 0 then
+  redis.call('HSET', KEYS[2], 'qnfe', 0)
+  redis.call('DECRBY', KEYS[3], qnfe)
+end
+return 1
+"""
+
+
+class Ledger:
+    """The gateway's view of the ledger. Every method may raise redis.RedisError."""
+
+    def __init__(self, conn: redis.Redis, *, result_ttl_s: int, failure_ttl_s: int,
+                 idempotency_ttl_s: int = 86400):
+        self.conn = conn
+        self.result_ttl_s = result_ttl_s
+        self.failure_ttl_s = failure_ttl_s
+        self.idempotency_ttl_s = idempotency_ttl_s
+        self._queues: dict[str, Queue] = {}
+        self._unqueue = conn.register_script(_UNQUEUE)
+
+    def queue(self, model: str) -> Queue:
+        if model not in self._queues:
+            self._queues[model] = Queue(model, connection=self.conn, serializer=JSONSerializer)
+        return self._queues[model]
+
+    def ping(self) -> bool:
+        return bool(self.conn.ping())
+
+    # submission
+
+    def submit(self, spec: JobSpec, owner: str, *, idempotency_key: str | None = None,
+               body_hash: str = "") -> tuple[str, bool]:
+        """Enqueue a job; returns (job id, created). An Idempotency-Key seen before returns its job."""
+        job_id = new_job_id()
+        if idempotency_key is not None:
+            existing = self._claim_idempotency_key(owner, idempotency_key, body_hash, job_id)
+            if existing is not None:
+                return existing, False
+        now = time.time()
+        with self.conn.pipeline() as pipe:
+            self.queue(spec.model).enqueue_call(
+                JOB_FUNC, kwargs={"spec": spec.model_dump(mode="json")}, job_id=job_id,
+                result_ttl=self.result_ttl_s, failure_ttl=self.failure_ttl_s, timeout=-1,
+                description=f"{spec.model}: {spec.num_images} image(s), {spec.sampler.num_steps} steps",
+                pipeline=pipe)
+            pipe.hset(Keys.job(job_id), mapping={
+                "owner": owner, "model": spec.model, "images": spec.num_images, "nfe": spec.nfe_total,
+                "qnfe": spec.nfe_total, "reruns": 0, "cancel": 0, "created": now})
+            pipe.incrby(Keys.QUEUED_NFE, spec.nfe_total)
+            pipe.execute()
+        return job_id, True
+
+    def _claim_idempotency_key(self, owner: str, key: str, body_hash: str, job_id: str) -> str | None:
+        """None if `job_id` now owns the key; else the id of the job that already does."""
+        rkey = Keys.idempotency(owner, key)
+        value = json.dumps({"job": job_id, "body": body_hash})
+        for _ in range(3):
+            if self.conn.set(rkey, value, nx=True, ex=self.idempotency_ttl_s):
+                return None
+            raw = self.conn.get(rkey)
+            if raw is None:
+                continue
+            seen = json.loads(raw)
+            if seen["body"] != body_hash:
+                raise IdempotencyConflict(key)
+            if self.conn.exists(Keys.job(seen["job"])):
+                return str(seen["job"])
+            self.conn.delete(rkey)  # its job expired: the key is free again
+        return None
+
+    # reading
+
+    def owner_of(self, job_id: str) -> str | None:
+        owner = self.conn.hget(Keys.job(job_id), "owner")
+        return None if owner is None else owner.decode()
+
+    def status(self, job_id: str) -> JobStatus | None:
+        raw = self.conn.hget(Keys.rq_job(job_id), "status")
+        return None if raw is None else _STATUS[RQStatus(raw.decode())]
+
+    def record(self, job_id: str) -> JobRecord | None:
+        fields = {k.decode(): v.decode() for k, v in self.conn.hgetall(Keys.job(job_id)).items()}
+        if not fields:
+            return None
+        try:
+            job = Job.fetch(job_id, connection=self.conn, serializer=JSONSerializer)
+        except Exception:  # NoSuchJobError, or a hash that expired between the two reads
+            return None
+        spec = JobSpec.model_validate(job.kwargs["spec"])
+        status = _STATUS[job.get_status(refresh=False)]
+        position = None
+        if status is JobStatus.queued:
+            position = self.conn.lpos(Keys.queue(spec.model), job_id)
+        result = None
+        if status is JobStatus.succeeded:
+            value = job.return_value()
+            result = None if value is None else JobResult.model_validate(value)
+        progress = Progress(
+            step=int(fields.get("step", 0)), num_steps=int(fields.get("num_steps", spec.sampler.num_steps)),
+            nfe=int(fields.get("nfe_done", 0)), nfe_total=spec.nfe_total,
+            images_done=int(fields.get("images_done", 0)), images_total=spec.num_images)
+        return JobRecord(
+            id=job_id, status=status, spec=spec, queue_position=position, progress=progress,
+            created_at=float(fields["created"]), started_at=_float(fields.get("started")),
+            finished_at=_float(fields.get("finished")), reruns=int(fields.get("reruns", 0)),
+            error=fields.get("error"), result=result, cancel_requested=fields.get("cancel") == "1")
+
+    def png(self, job_id: str, index: int) -> bytes | None:
+        return self.conn.get(Keys.png(job_id, index))  # type: ignore[return-value]
+
+    def wait(self, job_id: str, timeout_s: float, slice_s: float = 0.5) -> JobStatus | None:
+        """Block until the job is terminal or `timeout_s` passes; returns its status then."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self.status(job_id)
+            if status is None or status.terminal:
+                return status
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return status
+            self.conn.blpop([Keys.done(job_id)], timeout=max(0.01, min(remaining, slice_s)))
+
+    # cancellation
+
+    def cancel(self, job_id: str) -> JobStatus | None:
+        """Cancel a queued job at once, or flag a running one (the worker stops it next evaluation)."""
+        model = self.conn.hget(Keys.job(job_id), "model")
+        if model is None:
+            return None
+        if self._unqueue(keys=[Keys.queue(model.decode()), Keys.job(job_id), Keys.QUEUED_NFE], args=[job_id]):
+            with self.conn.pipeline() as pipe:
+                finish(self.conn, pipe, job_id, JobStatus.cancelled, ttl=self.failure_ttl_s,
+                       error="cancelled while queued")
+                pipe.execute()
+            return JobStatus.cancelled
+        status = self.status(job_id)
+        if status is not None and not status.terminal:
+            self.conn.hset(Keys.job(job_id), "cancel", 1)  # durable: checked when a batch starts
+            self.conn.publish(Keys.CANCEL_CHANNEL, job_id)  # prompt: seen at the next evaluation
+        return status
+
+    # the fleet
+
+    def queued_nfe(self) -> int:
+        return int(self.conn.get(Keys.QUEUED_NFE) or 0)
+
+    def queue_lengths(self, models: list[str]) -> dict[str, int]:
+        with self.conn.pipeline(transaction=False) as pipe:
+            for model in models:
+                pipe.llen(Keys.queue(model))
+            return dict(zip(models, pipe.execute(), strict=True))
+
+    def live_workers(self) -> list[WorkerInfo]:
+        ids = sorted(w.decode() for w in self.conn.smembers(Keys.WORKERS))
+        if not ids:
+            return []
+        beats = self.conn.mget([Keys.heartbeat(w) for w in ids])
+        return [WorkerInfo.model_validate_json(b) for b in beats if b]
+
+    def published_cards(self) -> dict[str, dict[str, Any]]:
+        return {k.decode(): json.loads(v) for k, v in self.conn.hgetall(Keys.CARDS).items()}

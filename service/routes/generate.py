@@ -1,0 +1,88 @@
+"""Synchronous generation: POST /v1/generate waits for the images (up to EDM_SYNC_TIMEOUT_S).
+
+The answer's form follows the Accept header: `image/png` -> the PNG itself (one image only,
+else 406); `application/json` -> JSON with base64 PNGs; anything else -> PNG for one image,
+JSON for several. If the job is not done in time: 202 with Location and the job's status.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from service.contract import JobStatus
+from service.deps import CatalogDep, IdempotencyKeyDep, LedgerDep, MetricsDep, OwnerDep, SettingsDep
+from service.errors import Problem
+from service.jobs import admit, job_url, job_view, resolve_request, visible_record
+from service.ledger import JobRecord, Ledger
+from service.schemas import GeneratedImageJSON, GenerateRequest, GenerateResponse
+
+router = APIRouter(prefix="/v1", tags=["generate"])
+
+
+def wanted_form(accept: str) -> str:
+    """'png', 'json' or 'auto' from an Accept header (quality values are ignored)."""
+    types = {part.split(";")[0].strip().lower() for part in accept.split(",") if part.strip()}
+    png, json_ = "image/png" in types, "application/json" in types
+    if png and not json_:
+        return "png"
+    if json_ and not png:
+        return "json"
+    return "auto"
+
+
+@router.post("/generate", responses={200: {"content": {"image/png": {}}, "model": GenerateResponse},
+                                     202: {"description": "not done within the sync timeout"}})
+def generate(body: GenerateRequest, request: Request, settings: SettingsDep, ledger: LedgerDep,
+             catalog: CatalogDep, metrics: MetricsDep, owner: OwnerDep,
+             idempotency_key: IdempotencyKeyDep = None) -> Response:
+    started = time.perf_counter()
+    form = wanted_form(request.headers.get("accept", ""))
+    spec = resolve_request(body, settings, ledger, catalog)
+    if form == "png" and spec.num_images != 1:
+        raise Problem(406, f"Accept: image/png returns one image, but this request makes {spec.num_images}; "
+                      "accept application/json")
+    job_id, _ = admit(spec, owner, settings=settings, ledger=ledger, metrics=metrics,
+                      idempotency_key=idempotency_key, body=body)
+    status = ledger.wait(job_id, settings.sync_timeout_s)
+    record = visible_record(ledger, job_id, owner)
+    if status is JobStatus.succeeded and record.result is not None:
+        metrics.generate_seconds.labels(spec.model).observe(time.perf_counter() - started)
+        if form == "png" or (form == "auto" and spec.num_images == 1):
+            return _png_response(ledger, record)
+        return _json_response(ledger, record)
+    if status is JobStatus.failed:
+        raise Problem(500, f"generation failed: {record.error}", job_id=job_id)
+    if status is JobStatus.cancelled:
+        raise Problem(409, f"job {job_id} was cancelled", job_id=job_id)
+    return JSONResponse(job_view(record).model_dump(mode="json"), status_code=202,
+                        headers={"Location": job_url(job_id)})
+
+
+def _png_response(ledger: Ledger, record: JobRecord) -> Response:
+    assert record.result is not None
+    image = record.result.images[0]
+    data = _png(ledger, record.id, 0)
+    return Response(data, media_type="image/png", headers={
+        "X-Job-Id": record.id, "X-Seed": str(image.seed), "X-Class-Label": str(image.class_label),
+        "Content-Location": f"{job_url(record.id)}/images/0.png"})
+
+
+def _json_response(ledger: Ledger, record: JobRecord) -> JSONResponse:
+    assert record.result is not None
+    view = job_view(record)
+    images = [GeneratedImageJSON(index=i.index, seed=i.seed, class_label=i.class_label, metadata=i.metadata,
+                                 png_base64=base64.b64encode(_png(ledger, record.id, i.index)).decode())
+              for i in record.result.images]
+    body = GenerateResponse(job_id=record.id, model=record.spec.model, images=images, timings=view.timings)
+    return JSONResponse(body.model_dump(mode="json"), headers={"Content-Location": job_url(record.id)})
+
+
+def _png(ledger: Ledger, job_id: str, index: int) -> bytes:
+    data = ledger.png(job_id, index)
+    if data is None:
+        raise Problem(410, f"the images of job {job_id} have expired")
+    return data

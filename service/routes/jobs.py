@@ -1,0 +1,59 @@
+"""Asynchronous jobs: submit, poll, fetch images, cancel."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from service.contract import JobStatus
+from service.deps import CatalogDep, IdempotencyKeyDep, LedgerDep, MetricsDep, OwnerDep, SettingsDep
+from service.errors import Problem
+from service.jobs import admit, job_url, job_view, resolve_request, visible_record
+from service.schemas import GenerateRequest, JobView
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=202, response_model=JobView)
+def submit_job(body: GenerateRequest, settings: SettingsDep, ledger: LedgerDep, catalog: CatalogDep,
+               metrics: MetricsDep, owner: OwnerDep, idempotency_key: IdempotencyKeyDep = None) -> JSONResponse:
+    """Queue a generation job; 202 with Location: /v1/jobs/{id}. A repeated Idempotency-Key
+    returns the job it created the first time (header Idempotent-Replayed: true)."""
+    spec = resolve_request(body, settings, ledger, catalog)
+    job_id, created = admit(spec, owner, settings=settings, ledger=ledger, metrics=metrics,
+                            idempotency_key=idempotency_key, body=body)
+    view = job_view(visible_record(ledger, job_id, owner))
+    headers = {"Location": job_url(job_id)}
+    if not created:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(view.model_dump(mode="json"), status_code=202, headers=headers)
+
+
+@router.get("/{job_id}", response_model=JobView)
+def get_job(job_id: str, ledger: LedgerDep, owner: OwnerDep) -> JobView:
+    return job_view(visible_record(ledger, job_id, owner))
+
+
+@router.get("/{job_id}/images/{index}.png", response_class=Response,
+            responses={200: {"content": {"image/png": {}}}})
+def get_image(job_id: str, index: int, ledger: LedgerDep, owner: OwnerDep) -> Response:
+    record = visible_record(ledger, job_id, owner)
+    if record.status is not JobStatus.succeeded:
+        raise Problem(409, f"job {job_id} is {record.status.value}; images exist once it has succeeded")
+    data = ledger.png(job_id, index) if 0 <= index < record.spec.num_images else None
+    if data is None:
+        raise Problem(404, f"job {job_id} has no image {index}")
+    image = record.result.images[index] if record.result else None
+    headers = {} if image is None else {"X-Seed": str(image.seed), "X-Class-Label": str(image.class_label)}
+    return Response(data, media_type="image/png", headers=headers)
+
+
+@router.post("/{job_id}/cancel", response_model=JobView)
+def cancel_job(job_id: str, ledger: LedgerDep, metrics: MetricsDep, owner: OwnerDep) -> JobView:
+    """Queued: cancelled at once. Running: stops at its next network evaluation (poll for it)."""
+    record = visible_record(ledger, job_id, owner)
+    if record.status in (JobStatus.succeeded, JobStatus.failed):
+        raise Problem(409, f"job {job_id} already {record.status.value}")
+    if ledger.cancel(job_id) is JobStatus.cancelled and record.status is JobStatus.queued:
+        metrics.jobs.labels(record.spec.model, "cancelled").inc()
+    return job_view(visible_record(ledger, job_id, owner))

@@ -1,0 +1,93 @@
+"""Configuration from the environment (prefix EDM_), one typed class per process kind.
+
+Nothing here is read at import time: the gateway's app factory and the worker's start-up build
+their settings object and pass it on. Lists accept JSON or a comma-separated string.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+def parse_models(value: Any) -> Any:
+    """A name -> checkpoint mapping from JSON ({"name": "path"}) or "name=path,name2=path2"."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            return json.loads(text)
+        pairs = [item.strip() for item in text.replace("\n", ",").split(",") if item.strip()]
+        models = {}
+        for pair in pairs:
+            name, sep, path = pair.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ValueError(f"expected name=path, got {pair!r}")
+            models[name.strip()] = path.strip()
+        return models
+    return value
+
+
+class CommonSettings(BaseSettings):
+    """What gateway and worker share: where Redis is, which models exist, how long results live."""
+
+    model_config = SettingsConfigDict(env_prefix="EDM_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout_s: float = Field(2.0, gt=0, description="socket timeout of ordinary Redis commands")
+    models: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict, description="name -> checkpoint path (JSON or name=path,...)")
+    models_file: Path | None = Field(None, description="JSON file {name: path}, or name=path lines")
+    bundled_model: bool = Field(True, description="serve the bundled digits model as well")
+    default_model: str | None = Field(None, description="model used when a request names none")
+    result_ttl_s: int = Field(3600, gt=0, description="how long finished jobs and their PNGs are kept")
+    failure_ttl_s: int = Field(86400, gt=0, description="how long failed and cancelled jobs are kept")
+    log_level: str = "INFO"
+
+    _parse_models = field_validator("models", mode="before")(parse_models)
+
+
+class GatewaySettings(CommonSettings):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="accepted bearer tokens; empty = no authentication")
+    max_queued_nfe: int = Field(200_000, gt=0, description="queued work (NFE) above which jobs get 429")
+    sync_timeout_s: float = Field(60.0, gt=0, description="how long POST /v1/generate waits")
+    max_body_bytes: int = Field(64 * 1024, gt=0)
+    max_images: int = Field(256, gt=0, description="seeds per request")
+    max_steps: int = Field(1000, ge=2, description="num_steps per request")
+    idempotency_ttl_s: int = Field(86400, gt=0)
+    http_threads: int = Field(256, gt=0, description="threads serving blocking route handlers")
+    grpc_port: int | None = Field(None, description="reserved for the gRPC server (not built yet)")
+
+    _split_keys = field_validator("api_keys", mode="before")(_split_list)
+
+
+class WorkerSettings(CommonSettings):
+    serve: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="names of the models this worker serves; empty = all")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N")
+    dtype: str = Field("auto", pattern="^(auto|fp32|fp16|bf16)$", description="auto = the checkpoint's choice")
+    max_batch: int = Field(64, gt=0, description="images per forward pass")
+    max_wait_s: float = Field(0.005, ge=0, description="how long to wait for more jobs to fill a batch")
+    metrics_port: int = Field(9101, ge=0, description="Prometheus port of this worker; 0 = off")
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    heartbeat_ttl_s: float = Field(5.0, gt=0, description="a worker silent this long is dead")
+    max_reruns: int = Field(2, ge=0, description="reruns after worker deaths before a job fails")
+    torch_threads: int = Field(1, gt=0)
+    name: str | None = Field(None, description="worker id prefix (default host name)")
+
+    _split_serve = field_validator("serve", mode="before")(_split_list)

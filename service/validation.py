@@ -1,0 +1,80 @@
+"""A request checked against its model's card and resolved into a JobSpec (pure; no I/O).
+
+Every refusal is a 422 problem naming the field, except an unknown model (404, raised by the
+caller, which knows the catalog).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+
+from model.card import ModelCard
+from service.contract import SEED_LIMIT, JobSpec
+from service.errors import invalid
+from service.schemas import GenerateRequest
+
+
+def random_seed() -> int:
+    return secrets.randbelow(SEED_LIMIT)
+
+
+def resolve_seeds(req: GenerateRequest, max_images: int, draw: Callable[[], int] = random_seed) -> list[int]:
+    if req.seeds is not None:
+        if req.count is not None or req.start is not None:
+            raise invalid("count" if req.count is not None else "start", "give either seeds or count (+ start)")
+        seeds = list(req.seeds)
+        field = "seeds"
+    elif req.count is not None:
+        start = req.start or 0
+        if start + req.count > SEED_LIMIT:
+            raise invalid("count", f"seeds would run past {SEED_LIMIT - 1}")
+        seeds = list(range(start, start + min(req.count, max_images + 1)))
+        field = "count"
+    else:
+        seeds = [req.start if req.start is not None else draw()]
+        field = "seeds"
+    if len(seeds) > max_images:
+        raise invalid(field, f"at most {max_images} images per request")
+    return seeds
+
+
+def resolve_class(value: int | str | None, card: ModelCard) -> int | None:
+    """An index or a class name -> an index in 0..label_dim-1; None stays None (drawn per seed)."""
+    if value is None:
+        return None
+    if card.label_dim == 0:
+        raise invalid("class_label", f"model {card.name} is unconditional: omit class_label")
+    if isinstance(value, str):
+        names = card.class_names or []
+        if value in names:
+            return names.index(value)
+        if not value.strip().isdigit():
+            shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+            raise invalid("class_label", f"unknown class {value!r}; expected an index or one of: {shown}"
+                          if names else f"{value!r} is not a class index")
+        value = int(value)
+    if not 0 <= value < card.label_dim:
+        raise invalid("class_label", f"{value} is outside 0..{card.label_dim - 1}")
+    return value
+
+
+def check_sampler(req: GenerateRequest, card: ModelCard, max_steps: int) -> None:
+    if req.num_steps > max_steps:
+        raise invalid("num_steps", f"at most {max_steps} steps")
+    if req.sigma_min is not None and req.sigma_max is not None and req.sigma_min >= req.sigma_max:
+        raise invalid("sigma_min", f"must be below sigma_max ({req.sigma_max})")
+    if req.sigma_min is not None and req.sigma_min >= card.sigma_max:
+        raise invalid("sigma_min", f"must be below the model's highest noise level {card.sigma_max}")
+    if req.sigma_max is not None and req.sigma_max <= card.sigma_min:
+        raise invalid("sigma_max", f"must be above the model's lowest noise level {card.sigma_min}")
+    if req.S_max is not None and req.S_max < req.S_min:
+        raise invalid("S_max", f"must be >= S_min ({req.S_min})")
+
+
+def resolve(req: GenerateRequest, model: str, card: ModelCard, *, max_images: int, max_steps: int,
+            draw: Callable[[], int] = random_seed) -> JobSpec:
+    check_sampler(req, card, max_steps)
+    label = resolve_class(req.class_label, card)
+    seeds = resolve_seeds(req, max_images, draw)
+    return JobSpec(model=model, seeds=seeds, class_labels=[label] * len(seeds), sampler=req.sampler())

@@ -1,0 +1,90 @@
+"""`edm-serve worker`: one long-lived process per device. Loads its models once, then claims,
+batches and samples jobs until SIGTERM. Settings come from EDM_* variables; options override."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import socket
+import sys
+
+log = logging.getLogger("worker.main")
+
+
+def worker_id(name: str | None) -> str:
+    """Unique per process; no ':' (RQ splits execution keys on it)."""
+    base = (name or socket.gethostname()).replace(":", "-")
+    return f"{base}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edm-serve worker", description=__doc__)
+    parser.add_argument("--serve", help="comma-separated model names [EDM_SERVE; default: all configured]")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N [EDM_DEVICE, default cpu]")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="network precision [EDM_DTYPE]")
+    parser.add_argument("--max-batch", type=int, help="images per forward pass [EDM_MAX_BATCH, default 64]")
+    parser.add_argument("--max-wait", type=float, help="seconds to wait to fill a batch [EDM_MAX_WAIT_S]")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = off [EDM_METRICS_PORT, 9101]")
+    parser.add_argument("--redis-url", help="Redis URL [EDM_REDIS_URL]")
+    parser.add_argument("--name", help="worker name prefix [EDM_NAME, default host name]")
+    args = parser.parse_args(argv)
+
+    from service.settings import WorkerSettings
+
+    overrides = {"serve": args.serve, "device": args.device, "dtype": args.dtype, "max_batch": args.max_batch,
+                 "max_wait_s": args.max_wait, "metrics_port": args.metrics_port, "redis_url": args.redis_url,
+                 "name": args.name}
+    settings = WorkerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    from service.logs import setup_logging
+
+    setup_logging("worker", settings.log_level)
+    os.environ.setdefault("OMP_NUM_THREADS", str(settings.torch_threads))
+    try:
+        return run(settings)
+    except (ValueError, OSError) as error:
+        log.error("worker cannot start: %s", error)
+        print(f"edm-serve worker: {error}", file=sys.stderr)
+        return 2
+
+
+def run(settings) -> int:  # noqa: ANN001 - WorkerSettings, imported lazily above
+    import torch
+
+    from service.catalog import catalog_card_json, configured_models
+    from service.ledger import connect
+    from worker.engine import Engine
+    from worker.metrics import WorkerMetrics
+    from worker.queue import WorkerQueue
+    from worker.runner import Worker
+
+    torch.set_num_threads(settings.torch_threads)
+    models = configured_models(settings)
+    serve = settings.serve or list(models)
+    unknown = [name for name in serve if name not in models]
+    if unknown:
+        raise ValueError(f"unknown model(s) {', '.join(unknown)}; configured: {', '.join(models) or 'none'}")
+    if not serve:
+        raise ValueError("no models to serve: configure EDM_MODELS / EDM_MODELS_FILE or the bundled model")
+
+    metrics = WorkerMetrics()
+    engine = Engine(settings.device, settings.dtype)
+    for name in serve:
+        served = engine.load(name, models[name])
+        metrics.load_seconds.labels(name).set(served.load_s)
+    conn = connect(settings.redis_url, settings.redis_timeout_s)
+    queue = WorkerQueue(conn, worker_id(settings.name), result_ttl_s=settings.result_ttl_s,
+                        failure_ttl_s=settings.failure_ttl_s, heartbeat_ttl_s=settings.heartbeat_ttl_s,
+                        max_reruns=settings.max_reruns)
+    for name, served in engine.models.items():
+        queue.publish_card(name, catalog_card_json(served.card))
+    metrics.serve(settings.metrics_port)
+    worker = Worker(queue=queue, engine=engine, metrics=metrics, max_batch=settings.max_batch,
+                    max_wait_s=settings.max_wait_s, heartbeat_interval_s=settings.heartbeat_interval_s,
+                    block_s=min(1.0, settings.redis_timeout_s / 2), device=settings.device, dtype=settings.dtype,
+                    connect=lambda: connect(settings.redis_url, settings.redis_timeout_s))
+    worker.install_signal_handlers()
+    print(f"edm-serve worker {queue.id}: serving {', '.join(serve)} on {settings.device}"
+          + (f"; metrics on :{settings.metrics_port}/metrics" if settings.metrics_port else ""), flush=True)
+    return worker.run()

@@ -1,0 +1,38 @@
+"""The worker's Prometheus metrics, served on its own port (EDM_METRICS_PORT, default 9101)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+IMAGES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.jobs = Counter("edm_jobs", "Jobs by outcome (succeeded, failed, cancelled)", ["model", "outcome"],
+                            registry=r)
+        self.images = Counter("edm_images", "Images generated", ["model"], registry=r)
+        self.nfe = Counter("edm_nfe", "Network evaluations (one per image per forward pass)", ["model"],
+                           registry=r)
+        self.reaped = Counter("edm_jobs_reaped", "Jobs taken back from dead workers, by outcome",
+                              ["outcome"], registry=r)
+        self.queue_wait = Histogram("edm_queue_wait_seconds", "Time from submission to first sampling step",
+                                    ["model"], buckets=SECONDS, registry=r)
+        self.sampling = Histogram("edm_sampling_seconds", "Wall time of one batch through the sampler",
+                                  ["model"], buckets=SECONDS, registry=r)
+        self.latency = Histogram("edm_job_latency_seconds", "Time from submission to a terminal state",
+                                 ["model"], buckets=SECONDS, registry=r)
+        self.forward_images = Histogram("edm_forward_batch_images", "Images per forward pass", ["model"],
+                                        buckets=IMAGES, registry=r)
+        self.forward_seconds = Histogram("edm_forward_seconds", "Seconds per forward pass (sampler step "
+                                         "included)", ["model"], buckets=SECONDS, registry=r)
+        self.inflight = Gauge("edm_inflight_images", "Images in the batch being sampled", registry=r)
+        self.busy = Gauge("edm_worker_busy", "1 while the worker samples a batch", registry=r)
+        self.load_seconds = Gauge("edm_model_load_seconds", "Time to load each model at start", ["model"],
+                                  registry=r)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+        if port:
+            start_http_server(port, addr=host, registry=self.registry)

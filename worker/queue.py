@@ -1,0 +1,276 @@
+"""The worker's Redis adapter: claim jobs from RQ's queues, report, finish, heartbeat, reap.
+
+Claiming moves an id from `rq:queue:{model}` into this worker's `edm:claimed:{worker}` list
+(LMOVE / BLMOVE, Redis 6.2), so a claimed job is always in exactly one list. While the worker
+lives it refreshes `edm:hb:{worker}` (TTL a few heartbeats). When a heartbeat expires, the reaper
+(any worker, under a short lock) moves the dead worker's ids back to the front of their queues
+and counts a rerun; past EDM_MAX_RERUNS the job fails with a reason instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import redis
+from redis.exceptions import WatchError
+from rq.job import Job
+from rq.job import JobStatus as RQStatus
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from service.contract import JobResult, JobSpec, JobStatus, WorkerInfo
+from service.ledger import Keys, finish, rq_time
+from worker.batcher import Claimed
+
+log = logging.getLogger("worker.queue")
+
+# After LMOVE: stop counting a job's NFE as queued (idempotent: qnfe is zeroed once).
+_ACCOUNT_LUA = """
+local qnfe = tonumber(redis.call('HGET', KEYS[1], 'qnfe') or '0')
+if qnfe > 0 then
+  redis.call('HSET', KEYS[1], 'qnfe', 0)
+  redis.call('DECRBY', KEYS[2], qnfe)
+end
+"""
+
+# Up to ARGV[1] ids from a queue into a claimed list, with their NFE accounted. Returns the ids.
+CLAIM = """
+local ids = {}
+for i = 1, tonumber(ARGV[1]) do
+  local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+  if not id then break end
+  local job = 'edm:job:' .. id
+  local qnfe = tonumber(redis.call('HGET', job, 'qnfe') or '0')
+  if qnfe > 0 then
+    redis.call('HSET', job, 'qnfe', 0)
+    redis.call('DECRBY', KEYS[3], qnfe)
+  end
+  ids[#ids + 1] = id
+end
+return ids
+"""
+
+# Give a claimed id back to the front of its queue. KEYS: claimed list, queue, started registry,
+# queued-NFE counter. ARGV: id, count_rerun (1/0), max_reruns. Returns 1 requeued, 0 not held,
+# -1 over the rerun limit (left in the claimed list: the caller fails it).
+REQUEUE = """
+local id = ARGV[1]
+local job = 'edm:job:' .. id
+if ARGV[2] == '1' then
+  local reruns = tonumber(redis.call('HGET', job, 'reruns') or '0')
+  if reruns >= tonumber(ARGV[3]) then return -1 end
+end
+if redis.call('LREM', KEYS[1], 1, id) == 0 then return 0 end
+if redis.call('EXISTS', 'rq:job:' .. id) == 0 then return 0 end
+if ARGV[2] == '1' then redis.call('HINCRBY', job, 'reruns', 1) end
+redis.call('LPUSH', KEYS[2], id)
+redis.call('HSET', 'rq:job:' .. id, 'status', 'queued')
+local execution = redis.call('HGET', job, 'execution')
+if execution then
+  redis.call('ZREM', KEYS[3], execution)
+  redis.call('HDEL', job, 'execution')
+end
+redis.call('HSET', job, 'step', 0, 'nfe_done', 0, 'images_done', 0)
+if tonumber(redis.call('HGET', job, 'qnfe') or '0') == 0 then
+  local nfe = tonumber(redis.call('HGET', job, 'nfe') or '0')
+  redis.call('HSET', job, 'qnfe', nfe)
+  redis.call('INCRBY', KEYS[4], nfe)
+end
+return 1
+"""
+
+# Delete a key only if it still holds our token (releasing a lock we own).
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class WorkerQueue:
+    """Every Redis call the worker makes. Methods raise redis.RedisError when Redis is away."""
+
+    def __init__(self, conn: redis.Redis, worker_id: str, *, result_ttl_s: int, failure_ttl_s: int,
+                 heartbeat_ttl_s: float, max_reruns: int):
+        self.conn = conn
+        self.id = worker_id
+        self.claimed_key = Keys.claimed(worker_id)
+        self.result_ttl_s = result_ttl_s
+        self.failure_ttl_s = failure_ttl_s
+        self.heartbeat_ttl_ms = int(heartbeat_ttl_s * 1000)
+        self.max_reruns = max_reruns
+        self._claim = conn.register_script(CLAIM)
+        self._requeue = conn.register_script(REQUEUE)
+        self._release = conn.register_script(RELEASE)
+        self._account = conn.register_script(_ACCOUNT_LUA)
+
+    # claiming
+
+    def claim(self, model: str, n: int) -> list[Claimed]:
+        """Up to n queued jobs of `model`, without waiting."""
+        ids = self._claim(keys=[Keys.queue(model), self.claimed_key, Keys.QUEUED_NFE], args=[n])
+        return self._load([i.decode() for i in ids])
+
+    def claim_blocking(self, model: str, timeout_s: float) -> list[Claimed]:
+        """One job of `model`, waiting up to timeout_s for it (BLMOVE)."""
+        raw = self.conn.blmove(Keys.queue(model), self.claimed_key, timeout_s, "LEFT", "RIGHT")
+        if raw is None:
+            return []
+        job_id = raw.decode()
+        self._account(keys=[Keys.job(job_id), Keys.QUEUED_NFE])
+        return self._load([job_id])
+
+    def _load(self, ids: list[str]) -> list[Claimed]:
+        if not ids:
+            return []
+        jobs = Job.fetch_many(ids, connection=self.conn, serializer=JSONSerializer)
+        with self.conn.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(Keys.job(job_id), "created")
+            created = pipe.execute()
+        out = []
+        for job_id, job, created_at in zip(ids, jobs, created, strict=True):
+            if job is None or created_at is None:  # expired or deleted under us: drop the id
+                self.conn.lrem(self.claimed_key, 1, job_id)
+                continue
+            out.append(Claimed(job_id, JobSpec.model_validate(job.kwargs["spec"]), float(created_at)))
+        return out
+
+    def unclaim(self, jobs: list[Claimed]) -> None:
+        """Give jobs back to the front of their queues, in their order (no rerun counted)."""
+        for job in reversed(jobs):
+            self._requeue_one(self.claimed_key, job.id, job.spec.model, count_rerun=False)
+
+    def held(self) -> list[str]:
+        return [i.decode() for i in self.conn.lrange(self.claimed_key, 0, -1)]
+
+    def _requeue_one(self, claimed_key: str, job_id: str, model: str, *, count_rerun: bool) -> int:
+        registry = StartedJobRegistry(model, connection=self.conn).key
+        return int(self._requeue(keys=[claimed_key, Keys.queue(model), registry, Keys.QUEUED_NFE],
+                                 args=[job_id, int(count_rerun), self.max_reruns]))
+
+    # running
+
+    def mark_started(self, job: Claimed) -> None:
+        now = time.time()
+        execution = f"{job.id}:{self.id}"
+        registry = StartedJobRegistry(job.spec.model, connection=self.conn).key
+        with self.conn.pipeline() as pipe:
+            pipe.hset(Keys.rq_job(job.id), mapping={"status": RQStatus.STARTED.value, "worker_name": self.id,
+                                                    "started_at": rq_time(now)})
+            pipe.zadd(registry, {execution: "+inf"})  # never "expires": our reaper handles dead workers
+            pipe.hset(Keys.job(job.id), mapping={"started": now, "worker": self.id, "execution": execution})
+            pipe.execute()
+
+    def report(self, progress: dict[str, dict[str, int]]) -> set[str]:
+        """Write each job's progress fields; return the ids whose cancellation was requested."""
+        ids = list(progress)
+        with self.conn.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hset(Keys.job(job_id), mapping=progress[job_id])
+                pipe.hget(Keys.job(job_id), "cancel")
+            replies = pipe.execute()
+        return {job_id for job_id, flag in zip(ids, replies[1::2], strict=True) if flag == b"1"}
+
+    def cancel_requested(self, ids: list[str]) -> set[str]:
+        if not ids:
+            return set()
+        with self.conn.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(Keys.job(job_id), "cancel")
+            flags = pipe.execute()
+        return {job_id for job_id, flag in zip(ids, flags, strict=True) if flag == b"1"}
+
+    def store_pngs(self, job_id: str, first: int, pngs: list[bytes]) -> None:
+        with self.conn.pipeline(transaction=False) as pipe:
+            for k, data in enumerate(pngs, start=first):
+                pipe.set(Keys.png(job_id, k), data, ex=self.result_ttl_s)
+            pipe.execute()
+
+    # terminal states
+
+    def succeed(self, job: Claimed, result: JobResult) -> bool:
+        return self._finish(self.claimed_key, job.id, JobStatus.succeeded, ttl=self.result_ttl_s, result=result)
+
+    def fail(self, job_id: str, reason: str, claimed_key: str | None = None) -> bool:
+        return self._finish(claimed_key or self.claimed_key, job_id, JobStatus.failed, ttl=self.failure_ttl_s,
+                            error=reason)
+
+    def cancel(self, job_id: str) -> bool:
+        return self._finish(self.claimed_key, job_id, JobStatus.cancelled, ttl=self.failure_ttl_s,
+                            error="cancelled")
+
+    def _finish(self, claimed_key: str, job_id: str, status: JobStatus, *, ttl: int,
+                result: JobResult | None = None, error: str | None = None) -> bool:
+        """Write the terminal state if `claimed_key` still holds the job (else the reaper gave it
+        to another worker: return False and write nothing)."""
+        while True:
+            with self.conn.pipeline() as pipe:
+                try:
+                    pipe.watch(claimed_key)
+                    if pipe.lpos(claimed_key, job_id) is None:
+                        return False
+                    pipe.multi()
+                    finish(self.conn, pipe, job_id, status, ttl=ttl, result=result, error=error, worker=self.id)
+                    pipe.lrem(claimed_key, 1, job_id)
+                    pipe.execute()
+                    return True
+                except WatchError:
+                    continue
+
+    # liveness
+
+    def heartbeat(self, info: WorkerInfo) -> None:
+        with self.conn.pipeline(transaction=False) as pipe:
+            pipe.set(Keys.heartbeat(self.id), info.model_dump_json(), px=self.heartbeat_ttl_ms)
+            pipe.sadd(Keys.WORKERS, self.id)
+            pipe.execute()
+
+    def publish_card(self, name: str, card_json: str) -> None:
+        self.conn.hset(Keys.CARDS, name, card_json)
+
+    def retire(self) -> None:
+        """Leave the fleet after a clean shutdown (nothing may be held any more)."""
+        with self.conn.pipeline() as pipe:
+            pipe.delete(Keys.heartbeat(self.id))
+            pipe.srem(Keys.WORKERS, self.id)
+            pipe.delete(self.claimed_key)
+            pipe.execute()
+
+    def reap(self) -> list[tuple[str, str]]:
+        """Requeue the jobs of workers whose heartbeat expired. Returns (job id, outcome) pairs,
+        outcome 'requeued' or 'failed'. Runs under a lock so one reaper acts at a time."""
+        token = f"{self.id}:{time.time()}"
+        if not self.conn.set(Keys.REAPER_LOCK, token, nx=True, px=self.heartbeat_ttl_ms):
+            return []
+        outcomes: list[tuple[str, str]] = []
+        try:
+            for raw in self.conn.smembers(Keys.WORKERS):
+                worker = raw.decode()
+                if worker == self.id or self.conn.exists(Keys.heartbeat(worker)):
+                    continue
+                outcomes += self._reap_worker(worker)
+        finally:
+            self._release(keys=[Keys.REAPER_LOCK], args=[token])
+        return outcomes
+
+    def _reap_worker(self, worker: str) -> list[tuple[str, str]]:
+        claimed_key = Keys.claimed(worker)
+        outcomes = []
+        for raw in reversed(self.conn.lrange(claimed_key, 0, -1)):
+            job_id = raw.decode()
+            model = self.conn.hget(Keys.job(job_id), "model")
+            if model is None:
+                self.conn.lrem(claimed_key, 1, job_id)
+                continue
+            code = self._requeue_one(claimed_key, job_id, model.decode(), count_rerun=True)
+            if code == 1:
+                outcomes.append((job_id, "requeued"))
+            elif code == -1:
+                reason = f"its worker died {self.max_reruns + 1} times while running it (EDM_MAX_RERUNS)"
+                self.fail(job_id, reason, claimed_key=claimed_key)
+                outcomes.append((job_id, "failed"))
+            log.warning("reaped job of dead worker %s", worker, extra={"job_id": job_id, "dead_worker": worker})
+        if not self.conn.llen(claimed_key):
+            self.conn.srem(Keys.WORKERS, worker)
+        return outcomes

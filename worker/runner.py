@@ -1,0 +1,296 @@
+"""The worker's main loop: claim, batch, sample, store; plus its heartbeat and cancel threads.
+
+States: starting -> idle <-> busy -> draining -> stopped. The first SIGTERM/SIGINT drains (the
+running batch finishes, claimed work not started is given back, then exit); a second one aborts
+the batch and gives everything back.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+
+from model.generate import GeneratedImage
+from service import logs
+from service.contract import ImageInfo, JobResult, WorkerInfo
+from service.ledger import Keys
+from worker.batcher import Claimed, Slice, plan_batch
+from worker.engine import Engine
+from worker.metrics import WorkerMetrics
+from worker.progress import Aborted, BatchObserver
+from worker.queue import WorkerQueue
+
+log = logging.getLogger("worker.runner")
+
+
+class State(enum.StrEnum):
+    starting = "starting"
+    idle = "idle"
+    busy = "busy"
+    draining = "draining"
+    stopped = "stopped"
+
+
+class CancelListener(threading.Thread):
+    """Collects job ids published on the cancel channel, so a batch can drop them at once."""
+
+    def __init__(self, connect: Callable[[], redis.Redis], stop: threading.Event):
+        super().__init__(name="cancel-listener", daemon=True)
+        self.connect = connect
+        self.stop = stop
+        self._ids: set[str] = set()
+        self._lock = threading.Lock()
+
+    def snapshot(self) -> set[str]:
+        with self._lock:
+            return set(self._ids)
+
+    def discard(self, job_id: str) -> None:
+        with self._lock:
+            self._ids.discard(job_id)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                pubsub = self.connect().pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(Keys.CANCEL_CHANNEL)
+                while not self.stop.is_set():
+                    message = pubsub.get_message(timeout=0.5)
+                    if message is not None:
+                        with self._lock:
+                            if len(self._ids) > 10_000:  # mostly ids held elsewhere; the Redis flag stays
+                                self._ids.clear()
+                            self._ids.add(message["data"].decode())
+            except redis.RedisError as error:
+                log.warning("cancel listener lost Redis: %s", error)
+                self.stop.wait(1.0)
+
+
+class Worker:
+    def __init__(self, *, queue: WorkerQueue, engine: Engine, metrics: WorkerMetrics, max_batch: int,
+                 max_wait_s: float, heartbeat_interval_s: float, block_s: float = 1.0,
+                 connect: Callable[[], redis.Redis] | None = None, device: str = "cpu", dtype: str = "auto"):
+        self.queue = queue
+        self.engine = engine
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.block_s = block_s
+        self.models = list(engine.models)
+        self.state = State.starting
+        self.held: list[Claimed] = []   # claimed and partly done (a job bigger than one batch)
+        self.stop_requests = 0
+        self.nfe_per_s = 0.0
+        self._stop = threading.Event()
+        self._info = WorkerInfo(id=queue.id, models=self.models, device=device, dtype=dtype, pid=os.getpid(),
+                                host=socket.gethostname(), started_at=time.time())
+        self.cancels = CancelListener(connect or (lambda: queue.conn), self._stop)
+        self._next_model = 0
+
+    # lifecycle
+
+    def request_stop(self, *_: object) -> None:
+        self.stop_requests += 1
+        log.info("stop requested (%s)", "drain" if self.stop_requests == 1 else "abort")
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    def run(self) -> int:
+        heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        heartbeat.start()
+        self.cancels.start()
+        self.state = State.idle
+        log.info("worker %s serving %s", self.queue.id, ", ".join(self.models))
+        while not self.stop_requests:
+            try:
+                self.step()
+            except redis.RedisError as error:
+                log.warning("redis unavailable: %s", error)
+                time.sleep(1.0)
+        self.state = State.draining
+        self._stop.set()
+        heartbeat.join(timeout=5.0)
+        self._give_back()
+        self.state = State.stopped
+        log.info("worker %s stopped", self.queue.id)
+        return 0
+
+    def _give_back(self) -> None:
+        for attempt in range(10):
+            try:
+                self.queue.unclaim(self.held)
+                self.held = []
+                self.queue.retire()
+                return
+            except redis.RedisError as error:
+                log.warning("cannot give back claimed jobs yet (%s); retrying", error)
+                time.sleep(min(1.0 * (attempt + 1), 3.0))
+
+    # one iteration
+
+    def step(self) -> None:
+        if not self.held:
+            self.held = self._wait_for_work()
+            if not self.held:
+                return
+        self._fill(self.held[0].spec.model)
+        if self.stop_requests:
+            return  # draining: claimed work not started goes back to the queue
+        plan = plan_batch(self.held, self.max_batch)
+        give_back = [job for job in plan.deferred if not job.started]
+        self.queue.unclaim(give_back)
+        batch_jobs = {piece.job.id for piece in plan.batch}
+        self.held = [job for job in self.held if job.id in batch_jobs or job.started]
+        self.run_batch(plan.batch)
+
+    def _wait_for_work(self) -> list[Claimed]:
+        """Block (a slice at a time, in turn over the served models) until a job arrives."""
+        model = self.models[self._next_model % len(self.models)]
+        self._next_model += 1
+        return self.queue.claim_blocking(model, self.block_s / len(self.models))
+
+    def _fill(self, model: str) -> None:
+        """Claim more jobs of `model` until max_batch images or max_wait_s have passed."""
+        deadline = time.monotonic() + self.max_wait_s
+        while not self.stop_requests:
+            images = sum(job.remaining for job in self.held if job.spec.model == model)
+            if images >= self.max_batch:
+                return
+            more = self.queue.claim(model, self.max_batch - images)
+            if not more:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                more = self.queue.claim_blocking(model, left)
+                if not more:
+                    return
+            self.held += more
+
+    # one batch
+
+    def run_batch(self, batch: list[Slice]) -> None:
+        batch = self._drop_unrunnable(batch)
+        if not batch:
+            return
+        model = batch[0].job.spec.model
+        for piece in batch:
+            if not piece.job.started:
+                self.queue.mark_started(piece.job)
+                piece.job.started = True
+                self.metrics.queue_wait.labels(model).observe(max(0.0, time.time() - piece.job.created_at))
+        observer = BatchObserver(batch, report=self.queue.report, cancelled=self.cancels.snapshot,
+                                 aborted=lambda: self.stop_requests > 1, metrics=self.metrics)
+        size = sum(piece.size for piece in batch)
+        self.state = State.busy
+        self._set_busy(size)
+        started = time.perf_counter()
+        try:
+            with_ids = logs.job_id.set(",".join(piece.job.id for piece in batch))
+            try:
+                images = self.engine.run(batch, on_eval=observer.on_eval)
+            finally:
+                logs.job_id.reset(with_ids)
+        except Aborted:
+            log.warning("batch aborted by a second stop signal; its jobs go back to the queue")
+            return
+        except Exception as error:  # a bug or a device error: fail the batch's jobs, keep serving
+            log.exception("batch failed")
+            for piece in batch:
+                self._end(piece.job, "failed", f"{type(error).__name__}: {error}")
+            return
+        finally:
+            self._set_busy(0)
+            self.state = State.idle
+        elapsed = time.perf_counter() - started
+        self.metrics.sampling.labels(model).observe(elapsed)
+        nfe = sum(piece.size for piece in batch if piece.job.id not in observer.dropped)
+        nfe *= batch[0].job.spec.sampler.nfe_per_image
+        self.nfe_per_s = nfe / elapsed if not self.nfe_per_s else 0.7 * self.nfe_per_s + 0.3 * nfe / elapsed
+        self._store(batch, images, observer.dropped, elapsed)
+
+    def _drop_unrunnable(self, batch: list[Slice]) -> list[Slice]:
+        """End jobs cancelled before they ran, or that this worker cannot run."""
+        flagged = self.queue.cancel_requested([piece.job.id for piece in batch]) | (
+            self.cancels.snapshot() & {piece.job.id for piece in batch})
+        keep = []
+        for piece in batch:
+            problem = self.engine.check(piece.job.spec)
+            if piece.job.id in flagged:
+                self._end(piece.job, "cancelled")
+            elif problem is not None:
+                self._end(piece.job, "failed", problem)
+            else:
+                keep.append(piece)
+        return keep
+
+    def _store(self, batch: list[Slice], images: list[GeneratedImage | None], dropped: set[str],
+               elapsed: float) -> None:
+        row = 0
+        for piece in batch:
+            job = piece.job
+            mine = images[row:row + piece.size]
+            row += piece.size
+            if job.id in dropped:
+                self._end(job, "cancelled")
+                continue
+            pngs, infos = [], []
+            for k, image in enumerate(mine, start=piece.start):
+                assert image is not None, "only the rows of cancelled jobs come back empty"
+                data, text = self.engine.encode(job.spec, image)
+                pngs.append(data)
+                infos.append(ImageInfo(index=k, seed=image.seed, class_label=image.class_label, metadata=text))
+            self.queue.store_pngs(job.id, piece.start, pngs)
+            job.images += infos
+            job.done = piece.stop
+            job.sampling_s += elapsed
+            self.metrics.images.labels(job.spec.model).inc(piece.size)
+            if job.remaining == 0:
+                result = JobResult(images=job.images, worker=self.queue.id, sampling_s=job.sampling_s)
+                self._end(job, "succeeded", result=result)
+
+    def _end(self, job: Claimed, outcome: str, reason: str = "", result: JobResult | None = None) -> None:
+        if outcome == "succeeded":
+            assert result is not None
+            ours = self.queue.succeed(job, result)
+        elif outcome == "failed":
+            ours = self.queue.fail(job.id, reason)
+        else:
+            ours = self.queue.cancel(job.id)
+        self.held = [j for j in self.held if j.id != job.id]
+        self.cancels.discard(job.id)
+        if not ours:
+            log.warning("job was taken back by the reaper before it finished here", extra={"job_id": job.id})
+            return
+        self.metrics.jobs.labels(job.spec.model, outcome).inc()
+        self.metrics.latency.labels(job.spec.model).observe(max(0.0, time.time() - job.created_at))
+        log.info("job %s", outcome, extra={"job_id": job.id, "images": job.spec.num_images,
+                                           "reason": reason or None})
+
+    def _set_busy(self, images: int) -> None:
+        self.metrics.inflight.set(images)
+        self.metrics.busy.set(1 if images else 0)
+
+    # liveness
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                info = self._info.model_copy(update={"busy": self.state is State.busy,
+                                                     "nfe_per_s": round(self.nfe_per_s, 1)})
+                self.queue.heartbeat(info)
+                for _, outcome in self.queue.reap():
+                    self.metrics.reaped.labels(outcome).inc()
+            except redis.RedisError as error:
+                log.warning("heartbeat failed: %s", error)
+            self._stop.wait(self.heartbeat_interval_s)
