@@ -151,9 +151,10 @@ class iDDPMPrecond(Precond):  # noqa: N801 - the official class name, stored in 
         self.M = M
         self.model = _build_network(model_type, img_resolution=img_resolution, in_channels=img_channels,
                                     out_channels=img_channels * 2, label_dim=label_dim, **model_kwargs)
-        self.register_buffer("u", iddpm_noise_levels(M, C_1, C_2, dtype=torch.float32))
-        self.sigma_min = float(self.u[M - 1])
-        self.sigma_max = float(self.u[0])
+        u = iddpm_noise_levels(M, C_1, C_2, dtype=torch.float32)
+        self.register_buffer("u", u)
+        self.sigma_min = float(u[M - 1])
+        self.sigma_max = float(u[0])
 
     def coefficients(self, sigma: Tensor) -> tuple[Any, Tensor, Any, Tensor]:
         c_skip = 1
