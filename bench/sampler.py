@@ -56,6 +56,14 @@ def build(args):
     return net, name
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def flops_per_forward(net, batch: int) -> float:
     """FLOPs of one network evaluation per image (torch's flop counter, batch of `batch`)."""
     import torch
@@ -112,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     achieved = flops * nfe * args.batch / median
     result = {
         "model": name, "device": args.device,
-        "device_name": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor(),
+        "device_name": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else cpu_name(),
         "dtype": args.dtype, "batch": args.batch, "steps": args.steps, "nfe_per_image": nfe,
         "threads": args.threads, "seconds": seconds, "median_seconds": median,
         "images_per_second": args.batch / median,

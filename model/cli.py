@@ -181,7 +181,7 @@ def convert_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="edm-serve convert",
                                      description="Convert an NVlabs network pickle to safetensors + JSON model card.")
     parser.add_argument("pkl", help="NVlabs network-snapshot pickle")
-    parser.add_argument("out", help="output path; writes OUT.safetensors and OUT.json")
+    parser.add_argument("out", help="NAME.json (writes NAME.json + NAME.safetensors beside it) or a folder")
     args = parser.parse_args(argv)
     from model.checkpoint import convert
 
