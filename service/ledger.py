@@ -24,12 +24,14 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from rq import Queue
+from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
@@ -133,30 +135,35 @@ def _float(value: Any) -> float | None:
 def finish(conn: redis.Redis, pipe: Any, job_id: str, status: JobStatus, *, ttl: int,
            result: JobResult | None = None, error: str | None = None, worker: str = "") -> None:
     """Queue the writes that put a job in a terminal state on `pipe` (a MULTI pipeline)."""
-    job = Job(job_id, connection=conn, serializer=JSONSerializer)
-    job.origin = conn.hget(Keys.job(job_id), "model").decode()  # type: ignore[union-attr]
     now = time.time()
-    execution = conn.hget(Keys.job(job_id), "execution")
-    if execution:
-        pipe.zrem(StartedJobRegistry(job.origin, connection=conn).key, execution)
     fields: dict[str, Any] = {"finished": now}
-    if status is JobStatus.succeeded:
-        assert result is not None
-        job.set_status(RQStatus.FINISHED, pipeline=pipe)
-        Result.create(job, Result.Type.SUCCESSFUL, ttl, return_value=result.model_dump(mode="json"),
-                      worker_name=worker, pipeline=pipe)
-        FinishedJobRegistry(job.origin, connection=conn).add(job, ttl, pipeline=pipe)
-    elif status is JobStatus.failed:
-        fields["error"] = error or "failed"
-        job.set_status(RQStatus.FAILED, pipeline=pipe)
-        Result.create_failure(job, ttl, exc_string=fields["error"], worker_name=worker, pipeline=pipe)
-        FailedJobRegistry(job.origin, connection=conn).add(job, ttl=ttl, exc_string=fields["error"],
-                                                           pipeline=pipe)
-    else:
-        fields["error"] = error or "cancelled"
-        job.set_status(RQStatus.CANCELED, pipeline=pipe)
-        CanceledJobRegistry(job.origin, connection=conn).add(job, pipeline=pipe)
-    pipe.hset(Keys.rq_job(job_id), "ended_at", rq_time(now))
+    if status is not JobStatus.succeeded:
+        fields["error"] = error or status.value
+    try:
+        job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
+    except NoSuchJobError:
+        job = None  # RQ's record expired or was deleted: keep ours consistent anyway
+    if job is not None:
+        execution = conn.hget(Keys.job(job_id), "execution")
+        if execution:
+            pipe.zrem(StartedJobRegistry(job.origin, connection=conn).key, execution)
+        job.ended_at = datetime.fromtimestamp(now, UTC)
+        if status is JobStatus.succeeded:
+            assert result is not None
+            job.set_status(RQStatus.FINISHED, pipeline=pipe)
+            job.save(pipeline=pipe, include_meta=False)
+            Result.create(job, Result.Type.SUCCESSFUL, ttl, return_value=result.model_dump(mode="json"),
+                          worker_name=worker, pipeline=pipe)
+            FinishedJobRegistry(job.origin, connection=conn).add(job, ttl, pipeline=pipe)
+        elif status is JobStatus.failed:
+            job.set_status(RQStatus.FAILED, pipeline=pipe)
+            Result.create_failure(job, ttl, exc_string=fields["error"], worker_name=worker, pipeline=pipe)
+            FailedJobRegistry(job.origin, connection=conn).add(job, ttl=ttl, exc_string=fields["error"],
+                                                               pipeline=pipe)
+        else:
+            job.set_status(RQStatus.CANCELED, pipeline=pipe)
+            job.save(pipeline=pipe, include_meta=False)
+            CanceledJobRegistry(job.origin, connection=conn).add(job, pipeline=pipe)
     pipe.hset(Keys.job(job_id), mapping=fields)
     for key in (Keys.job(job_id), Keys.rq_job(job_id)):
         pipe.expire(key, ttl)

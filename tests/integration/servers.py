@@ -118,13 +118,24 @@ def start_gateway(env: dict[str, str], log: Path) -> tuple[Process, str]:
     return proc, url
 
 
-def start_worker(env: dict[str, str], log: Path, conn: redis.Redis, **options: Any) -> Process:
+def spawn_worker(env: dict[str, str], log: Path, **options: Any) -> Process:
     args = [sys.executable, "-m", "service.cli", "worker", "--metrics-port", str(options.pop("metrics_port", 0))]
     for key, value in options.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
-    proc = Process(args, env, log)
-    wait_until(lambda: any(f"-{proc.pid}-".encode() in w for w in conn.smembers("edm:workers")), 60, proc)
+    return Process(args, env, log)
+
+
+def wait_worker(proc: Process, conn: redis.Redis, timeout_s: float = 90) -> Process:
+    """Until the worker's heartbeat is in Redis (its models are loaded)."""
+    wait_until(lambda: worker_id_of(proc, conn), timeout_s, proc)
     return proc
+
+
+def worker_id_of(proc: Process, conn: redis.Redis) -> str | None:
+    for raw in conn.smembers("edm:workers"):
+        if f"-{proc.pid}-" in raw.decode() and conn.exists(f"edm:hb:{raw.decode()}"):
+            return raw.decode()
+    return None
 
 
 def _healthy(url: str) -> bool:
