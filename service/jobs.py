@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 
 from service.catalog import Catalog
@@ -13,6 +14,8 @@ from service.metrics import GatewayMetrics
 from service.schemas import GenerateRequest, ImageView, JobView, Timings
 from service.settings import GatewaySettings
 from service.validation import resolve
+
+log = logging.getLogger("service.jobs")
 
 
 def resolve_request(req: GenerateRequest, settings: GatewaySettings, ledger: Ledger, catalog: Catalog) -> JobSpec:
@@ -46,6 +49,8 @@ def admit(spec: JobSpec, owner: str, *, settings: GatewaySettings, ledger: Ledge
                       field="Idempotency-Key") from None
     if created:
         metrics.jobs_submitted.labels(spec.model).inc()
+    log.info("job %s", "accepted" if created else "replayed (Idempotency-Key)",
+             extra={"job_id": job_id, "model": spec.model, "images": spec.num_images, "nfe": spec.nfe_total})
     return job_id, created
 
 

@@ -31,7 +31,6 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from rq import Queue
-from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
@@ -132,43 +131,61 @@ def _float(value: Any) -> float | None:
     return float(value) if value not in (None, b"", "") else None
 
 
-def finish(conn: redis.Redis, pipe: Any, job_id: str, status: JobStatus, *, ttl: int,
-           result: JobResult | None = None, error: str | None = None, worker: str = "") -> None:
-    """Queue the writes that put a job in a terminal state on `pipe` (a MULTI pipeline)."""
+@dataclass(frozen=True)
+class Outcome:
+    """How a job ends: succeeded (with its result), failed (with a reason) or cancelled."""
+
+    job_id: str
+    status: JobStatus
+    result: JobResult | None = None
+    error: str | None = None
+
+
+def finish(conn: redis.Redis, pipe: Any, outcomes: list[Outcome], *, result_ttl: int, failure_ttl: int,
+           worker: str = "") -> None:
+    """Queue on `pipe` (a MULTI pipeline) the writes that put jobs in their terminal states."""
+    ids = [o.job_id for o in outcomes]
+    jobs = Job.fetch_many(ids, connection=conn, serializer=JSONSerializer)  # None where RQ's record is gone
+    with conn.pipeline(transaction=False) as reads:
+        for job_id in ids:
+            reads.hget(Keys.job(job_id), "execution")
+        executions = reads.execute()
     now = time.time()
-    fields: dict[str, Any] = {"finished": now}
-    if status is not JobStatus.succeeded:
-        fields["error"] = error or status.value
-    try:
-        job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
-    except NoSuchJobError:
-        job = None  # RQ's record expired or was deleted: keep ours consistent anyway
-    if job is not None:
-        execution = conn.hget(Keys.job(job_id), "execution")
-        if execution:
-            pipe.zrem(StartedJobRegistry(job.origin, connection=conn).key, execution)
-        job.ended_at = datetime.fromtimestamp(now, UTC)
-        if status is JobStatus.succeeded:
-            assert result is not None
-            job.set_status(RQStatus.FINISHED, pipeline=pipe)
-            job.save(pipeline=pipe, include_meta=False)
-            Result.create(job, Result.Type.SUCCESSFUL, ttl, return_value=result.model_dump(mode="json"),
-                          worker_name=worker, pipeline=pipe)
-            FinishedJobRegistry(job.origin, connection=conn).add(job, ttl, pipeline=pipe)
-        elif status is JobStatus.failed:
-            job.set_status(RQStatus.FAILED, pipeline=pipe)
-            Result.create_failure(job, ttl, exc_string=fields["error"], worker_name=worker, pipeline=pipe)
-            FailedJobRegistry(job.origin, connection=conn).add(job, ttl=ttl, exc_string=fields["error"],
-                                                               pipeline=pipe)
-        else:
-            job.set_status(RQStatus.CANCELED, pipeline=pipe)
-            job.save(pipeline=pipe, include_meta=False)
-            CanceledJobRegistry(job.origin, connection=conn).add(job, pipeline=pipe)
-    pipe.hset(Keys.job(job_id), mapping=fields)
-    for key in (Keys.job(job_id), Keys.rq_job(job_id)):
-        pipe.expire(key, ttl)
-    pipe.rpush(Keys.done(job_id), status.value)
-    pipe.expire(Keys.done(job_id), 60)
+    for outcome, job, execution in zip(outcomes, jobs, executions, strict=True):
+        ttl = result_ttl if outcome.status is JobStatus.succeeded else failure_ttl
+        fields: dict[str, Any] = {"finished": now}
+        if outcome.status is not JobStatus.succeeded:
+            fields["error"] = outcome.error or outcome.status.value
+        if job is not None:
+            if execution:
+                pipe.zrem(StartedJobRegistry(job.origin, connection=conn).key, execution)
+            _finish_rq_job(pipe, job, outcome, now, ttl, fields.get("error", ""), worker)
+        job_id = outcome.job_id
+        pipe.hset(Keys.job(job_id), mapping=fields)
+        for key in (Keys.job(job_id), Keys.rq_job(job_id)):
+            pipe.expire(key, ttl)
+        pipe.rpush(Keys.done(job_id), outcome.status.value)
+        pipe.expire(Keys.done(job_id), 60)
+
+
+def _finish_rq_job(pipe: Any, job: Job, outcome: Outcome, now: float, ttl: int, error: str, worker: str) -> None:
+    """RQ's side of a terminal state: status, result stream, registries (what `rq info` counts)."""
+    job.ended_at = datetime.fromtimestamp(now, UTC)
+    if outcome.status is JobStatus.succeeded:
+        assert outcome.result is not None
+        job.set_status(RQStatus.FINISHED, pipeline=pipe)
+        job.save(pipeline=pipe, include_meta=False)
+        Result.create(job, Result.Type.SUCCESSFUL, ttl, return_value=outcome.result.model_dump(mode="json"),
+                      worker_name=worker, pipeline=pipe)
+        FinishedJobRegistry(job.origin, connection=job.connection).add(job, ttl, pipeline=pipe)
+    elif outcome.status is JobStatus.failed:
+        job.set_status(RQStatus.FAILED, pipeline=pipe)
+        Result.create_failure(job, ttl, exc_string=error, worker_name=worker, pipeline=pipe)
+        FailedJobRegistry(job.origin, connection=job.connection).add(job, ttl=ttl, exc_string=error, pipeline=pipe)
+    else:
+        job.set_status(RQStatus.CANCELED, pipeline=pipe)
+        job.save(pipeline=pipe, include_meta=False)
+        CanceledJobRegistry(job.origin, connection=job.connection).add(job, pipeline=pipe)
 
 
 def rq_time(ts: float) -> str:
@@ -292,6 +309,9 @@ class Ledger:
     def png(self, job_id: str, index: int) -> bytes | None:
         return self.conn.get(Keys.png(job_id, index))  # type: ignore[return-value]
 
+    def pngs(self, job_id: str, count: int) -> list[bytes | None]:
+        return self.conn.mget([Keys.png(job_id, k) for k in range(count)])  # type: ignore[return-value]
+
     def wait(self, job_id: str, timeout_s: float, slice_s: float = 0.5) -> JobStatus | None:
         """Block until the job is terminal or `timeout_s` passes; returns its status then."""
         deadline = time.monotonic() + timeout_s
@@ -313,8 +333,8 @@ class Ledger:
             return None
         if self._unqueue(keys=[Keys.queue(model.decode()), Keys.job(job_id), Keys.QUEUED_NFE], args=[job_id]):
             with self.conn.pipeline() as pipe:
-                finish(self.conn, pipe, job_id, JobStatus.cancelled, ttl=self.failure_ttl_s,
-                       error="cancelled while queued")
+                finish(self.conn, pipe, [Outcome(job_id, JobStatus.cancelled, error="cancelled while queued")],
+                       result_ttl=self.result_ttl_s, failure_ttl=self.failure_ttl_s)
                 pipe.execute()
             return JobStatus.cancelled
         status = self.status(job_id)

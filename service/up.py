@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     redis_proc = None
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (`&`)
     with tempfile.TemporaryDirectory(prefix="edm-serve-redis-") as workdir:
         try:
             if "EDM_REDIS_URL" not in env:

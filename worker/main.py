@@ -81,7 +81,8 @@ def run(settings) -> int:  # noqa: ANN001 - WorkerSettings, imported lazily abov
         queue.publish_card(name, catalog_card_json(served.card))
     metrics.serve(settings.metrics_port)
     worker = Worker(queue=queue, engine=engine, metrics=metrics, max_batch=settings.max_batch,
-                    max_wait_s=settings.max_wait_s, heartbeat_interval_s=settings.heartbeat_interval_s,
+                    max_wait_s=settings.max_wait_s, batch_gap_s=settings.batch_gap_s,
+                    heartbeat_interval_s=settings.heartbeat_interval_s,
                     block_s=min(1.0, settings.redis_timeout_s / 2), device=settings.device, dtype=settings.dtype,
                     connect=lambda: connect(settings.redis_url, settings.redis_timeout_s))
     worker.install_signal_handlers()

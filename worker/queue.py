@@ -19,8 +19,8 @@ from rq.job import JobStatus as RQStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from service.contract import JobResult, JobSpec, JobStatus, WorkerInfo
-from service.ledger import Keys, finish, rq_time
+from service.contract import JobSpec, JobStatus, WorkerInfo
+from service.ledger import Keys, Outcome, finish, rq_time
 from worker.batcher import Claimed
 
 log = logging.getLogger("worker.queue")
@@ -181,40 +181,35 @@ class WorkerQueue:
             flags = pipe.execute()
         return {job_id for job_id, flag in zip(ids, flags, strict=True) if flag == b"1"}
 
-    def store_pngs(self, job_id: str, first: int, pngs: list[bytes]) -> None:
+    def store_pngs(self, pngs: list[tuple[str, int, bytes]]) -> None:
+        """(job id, image index, PNG bytes) triples, in one round trip."""
         with self.conn.pipeline(transaction=False) as pipe:
-            for k, data in enumerate(pngs, start=first):
-                pipe.set(Keys.png(job_id, k), data, ex=self.result_ttl_s)
+            for job_id, index, data in pngs:
+                pipe.set(Keys.png(job_id, index), data, ex=self.result_ttl_s)
             pipe.execute()
 
     # terminal states
 
-    def succeed(self, job: Claimed, result: JobResult) -> bool:
-        return self._finish(self.claimed_key, job.id, JobStatus.succeeded, ttl=self.result_ttl_s, result=result)
-
-    def fail(self, job_id: str, reason: str, claimed_key: str | None = None) -> bool:
-        return self._finish(claimed_key or self.claimed_key, job_id, JobStatus.failed, ttl=self.failure_ttl_s,
-                            error=reason)
-
-    def cancel(self, job_id: str) -> bool:
-        return self._finish(self.claimed_key, job_id, JobStatus.cancelled, ttl=self.failure_ttl_s,
-                            error="cancelled")
-
-    def _finish(self, claimed_key: str, job_id: str, status: JobStatus, *, ttl: int,
-                result: JobResult | None = None, error: str | None = None) -> bool:
-        """Write the terminal state if `claimed_key` still holds the job (else the reaper gave it
-        to another worker: return False and write nothing)."""
+    def finish(self, outcomes: list[Outcome], claimed_key: str | None = None) -> set[str]:
+        """Write the terminal states of the jobs that `claimed_key` (default: ours) still holds, in one
+        transaction; returns their ids. A job missing from the list was given to another worker by the
+        reaper: nothing is written for it."""
+        claimed_key = claimed_key or self.claimed_key
         while True:
             with self.conn.pipeline() as pipe:
                 try:
                     pipe.watch(claimed_key)
-                    if pipe.lpos(claimed_key, job_id) is None:
-                        return False
+                    held = {raw.decode() for raw in pipe.lrange(claimed_key, 0, -1)}
+                    mine = [o for o in outcomes if o.job_id in held]
+                    if not mine:
+                        return set()
                     pipe.multi()
-                    finish(self.conn, pipe, job_id, status, ttl=ttl, result=result, error=error, worker=self.id)
-                    pipe.lrem(claimed_key, 1, job_id)
+                    finish(self.conn, pipe, mine, result_ttl=self.result_ttl_s, failure_ttl=self.failure_ttl_s,
+                           worker=self.id)
+                    for outcome in mine:
+                        pipe.lrem(claimed_key, 1, outcome.job_id)
                     pipe.execute()
-                    return True
+                    return {o.job_id for o in mine}
                 except WatchError:
                     continue
 
@@ -268,7 +263,7 @@ class WorkerQueue:
                 outcomes.append((job_id, "requeued"))
             elif code == -1:
                 reason = f"its worker died {self.max_reruns + 1} times while running it (EDM_MAX_RERUNS)"
-                self.fail(job_id, reason, claimed_key=claimed_key)
+                self.finish([Outcome(job_id, JobStatus.failed, error=reason)], claimed_key=claimed_key)
                 outcomes.append((job_id, "failed"))
             log.warning("reaped job of dead worker %s", worker, extra={"job_id": job_id, "dead_worker": worker})
         if not self.conn.llen(claimed_key):

@@ -20,8 +20,8 @@ import redis
 
 from model.generate import GeneratedImage
 from service import logs
-from service.contract import ImageInfo, JobResult, WorkerInfo
-from service.ledger import Keys
+from service.contract import ImageInfo, JobResult, JobStatus, WorkerInfo
+from service.ledger import Keys, Outcome
 from worker.batcher import Claimed, Slice, plan_batch
 from worker.engine import Engine
 from worker.metrics import WorkerMetrics
@@ -76,13 +76,14 @@ class CancelListener(threading.Thread):
 
 class Worker:
     def __init__(self, *, queue: WorkerQueue, engine: Engine, metrics: WorkerMetrics, max_batch: int,
-                 max_wait_s: float, heartbeat_interval_s: float, block_s: float = 1.0,
+                 max_wait_s: float, heartbeat_interval_s: float, batch_gap_s: float = 0.002, block_s: float = 1.0,
                  connect: Callable[[], redis.Redis] | None = None, device: str = "cpu", dtype: str = "auto"):
         self.queue = queue
         self.engine = engine
         self.metrics = metrics
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.batch_gap_s = batch_gap_s
         self.heartbeat_interval_s = heartbeat_interval_s
         self.block_s = block_s
         self.models = list(engine.models)
@@ -161,21 +162,25 @@ class Worker:
         return self.queue.claim_blocking(model, self.block_s / len(self.models))
 
     def _fill(self, model: str) -> None:
-        """Claim more jobs of `model` until max_batch images or max_wait_s have passed."""
-        deadline = time.monotonic() + self.max_wait_s
+        """Claim more jobs of `model` while they keep coming: stop at max_batch images, when none
+        arrived for batch_gap_s, or max_wait_s after the first. A lone request waits one gap; a burst
+        is gathered into one batch."""
+        started = last_arrival = time.monotonic()
         while not self.stop_requests:
             images = sum(job.remaining for job in self.held if job.spec.model == model)
             if images >= self.max_batch:
                 return
             more = self.queue.claim(model, self.max_batch - images)
-            if not more:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                more = self.queue.claim_blocking(model, left)
-                if not more:
-                    return
-            self.held += more
+            now = time.monotonic()
+            if more:
+                self.held += more
+                last_arrival = now
+                continue
+            if now - started >= self.max_wait_s or now - last_arrival >= self.batch_gap_s:
+                return
+            # Poll rather than BLMOVE: Redis rounds blocking timeouts up to its cron tick (100 ms at
+            # the default hz 10), far longer than these waits.
+            time.sleep(0.0005)
 
     # one batch
 
@@ -206,8 +211,8 @@ class Worker:
             return
         except Exception as error:  # a bug or a device error: fail the batch's jobs, keep serving
             log.exception("batch failed")
-            for piece in batch:
-                self._end(piece.job, "failed", f"{type(error).__name__}: {error}")
+            reason = f"{type(error).__name__}: {error}"
+            self._end([(piece.job, Outcome(piece.job.id, JobStatus.failed, error=reason)) for piece in batch])
             return
         finally:
             self._set_busy(0)
@@ -223,59 +228,66 @@ class Worker:
         """End jobs cancelled before they ran, or that this worker cannot run."""
         flagged = self.queue.cancel_requested([piece.job.id for piece in batch]) | (
             self.cancels.snapshot() & {piece.job.id for piece in batch})
-        keep = []
+        keep, ended = [], []
         for piece in batch:
             problem = self.engine.check(piece.job.spec)
             if piece.job.id in flagged:
-                self._end(piece.job, "cancelled")
+                ended.append((piece.job, Outcome(piece.job.id, JobStatus.cancelled)))
             elif problem is not None:
-                self._end(piece.job, "failed", problem)
+                ended.append((piece.job, Outcome(piece.job.id, JobStatus.failed, error=problem)))
             else:
                 keep.append(piece)
+        self._end(ended)
         return keep
 
     def _store(self, batch: list[Slice], images: list[GeneratedImage | None], dropped: set[str],
                elapsed: float) -> None:
+        """PNGs of the batch in one round trip, then the jobs that are complete in one transaction."""
+        pngs: list[tuple[str, int, bytes]] = []
+        infos: dict[str, list[ImageInfo]] = {}
         row = 0
         for piece in batch:
-            job = piece.job
-            mine = images[row:row + piece.size]
+            rows = images[row:row + piece.size]
             row += piece.size
-            if job.id in dropped:
-                self._end(job, "cancelled")
+            if piece.job.id in dropped:
                 continue
-            pngs, infos = [], []
-            for k, image in enumerate(mine, start=piece.start):
+            for k, image in enumerate(rows, start=piece.start):
                 assert image is not None, "only the rows of cancelled jobs come back empty"
-                data, text = self.engine.encode(job.spec, image)
-                pngs.append(data)
-                infos.append(ImageInfo(index=k, seed=image.seed, class_label=image.class_label, metadata=text))
-            self.queue.store_pngs(job.id, piece.start, pngs)
-            job.images += infos
+                data, text = self.engine.encode(piece.job.spec, image)
+                pngs.append((piece.job.id, k, data))
+                infos.setdefault(piece.job.id, []).append(
+                    ImageInfo(index=k, seed=image.seed, class_label=image.class_label, metadata=text))
+        self.queue.store_pngs(pngs)
+        ended = []
+        for piece in batch:
+            job = piece.job
+            if job.id in dropped:
+                ended.append((job, Outcome(job.id, JobStatus.cancelled)))
+                continue
+            job.images += infos[job.id]
             job.done = piece.stop
             job.sampling_s += elapsed
             self.metrics.images.labels(job.spec.model).inc(piece.size)
             if job.remaining == 0:
                 result = JobResult(images=job.images, worker=self.queue.id, sampling_s=job.sampling_s)
-                self._end(job, "succeeded", result=result)
+                ended.append((job, Outcome(job.id, JobStatus.succeeded, result=result)))
+        self._end(ended)
 
-    def _end(self, job: Claimed, outcome: str, reason: str = "", result: JobResult | None = None) -> None:
-        if outcome == "succeeded":
-            assert result is not None
-            ours = self.queue.succeed(job, result)
-        elif outcome == "failed":
-            ours = self.queue.fail(job.id, reason)
-        else:
-            ours = self.queue.cancel(job.id)
-        self.held = [j for j in self.held if j.id != job.id]
-        self.cancels.discard(job.id)
-        if not ours:
-            log.warning("job was taken back by the reaper before it finished here", extra={"job_id": job.id})
+    def _end(self, ended: list[tuple[Claimed, Outcome]]) -> None:
+        if not ended:
             return
-        self.metrics.jobs.labels(job.spec.model, outcome).inc()
-        self.metrics.latency.labels(job.spec.model).observe(max(0.0, time.time() - job.created_at))
-        log.info("job %s", outcome, extra={"job_id": job.id, "images": job.spec.num_images,
-                                           "reason": reason or None})
+        written = self.queue.finish([outcome for _, outcome in ended])
+        gone = {job.id for job, _ in ended}
+        self.held = [j for j in self.held if j.id not in gone]
+        for job, outcome in ended:
+            self.cancels.discard(job.id)
+            if job.id not in written:
+                log.warning("job was taken back by the reaper before it finished here", extra={"job_id": job.id})
+                continue
+            self.metrics.jobs.labels(job.spec.model, outcome.status.value).inc()
+            self.metrics.latency.labels(job.spec.model).observe(max(0.0, time.time() - job.created_at))
+            log.info("job %s", outcome.status.value, extra={"job_id": job.id, "images": job.spec.num_images,
+                                                           "reason": outcome.error})
 
     def _set_busy(self, images: int) -> None:
         self.metrics.inflight.set(images)

@@ -68,17 +68,29 @@ def _png_response(ledger: Ledger, record: JobRecord) -> Response:
     data = _png(ledger, record.id, 0)
     return Response(data, media_type="image/png", headers={
         "X-Job-Id": record.id, "X-Seed": str(image.seed), "X-Class-Label": str(image.class_label),
-        "Content-Location": f"{job_url(record.id)}/images/0.png"})
+        "Content-Location": f"{job_url(record.id)}/images/0.png", "Server-Timing": server_timing(record)})
 
 
 def _json_response(ledger: Ledger, record: JobRecord) -> JSONResponse:
     assert record.result is not None
     view = job_view(record)
+    pngs = ledger.pngs(record.id, len(record.result.images))
+    if any(data is None for data in pngs):
+        raise Problem(410, f"the images of job {record.id} have expired")
     images = [GeneratedImageJSON(index=i.index, seed=i.seed, class_label=i.class_label, metadata=i.metadata,
-                                 png_base64=base64.b64encode(_png(ledger, record.id, i.index)).decode())
-              for i in record.result.images]
+                                 png_base64=base64.b64encode(data).decode())  # type: ignore[arg-type]
+              for i, data in zip(record.result.images, pngs, strict=True)]
     body = GenerateResponse(job_id=record.id, model=record.spec.model, images=images, timings=view.timings)
-    return JSONResponse(body.model_dump(mode="json"), headers={"Content-Location": job_url(record.id)})
+    return JSONResponse(body.model_dump(mode="json"), headers={"Content-Location": job_url(record.id),
+                                                               "Server-Timing": server_timing(record)})
+
+
+def server_timing(record: JobRecord) -> str:
+    """Where the job's time went, in ms (W3C Server-Timing): queued, sampling, submit -> done."""
+    timings = job_view(record).timings
+    parts = [(name, value) for name, value in (("queue", timings.queue_wait_s), ("sampling", timings.sampling_s),
+                                               ("job", timings.total_s)) if value is not None]
+    return ", ".join(f"{name};dur={value * 1000:.1f}" for name, value in parts)
 
 
 def _png(ledger: Ledger, job_id: str, index: int) -> bytes:

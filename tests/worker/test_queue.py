@@ -7,7 +7,7 @@ import time
 import redis
 
 from service.contract import ImageInfo, JobResult, JobSpec, JobStatus, SamplerParams, WorkerInfo
-from service.ledger import Ledger
+from service.ledger import Ledger, Outcome
 from worker.queue import WorkerQueue
 
 
@@ -60,10 +60,10 @@ def test_success_is_recorded_the_rq_way(redis_conn: redis.Redis) -> None:
     w.mark_started(job)
     assert book.status(job_id) is JobStatus.running
     assert redis_conn.zcard("rq:wip:m") == 1
-    w.store_pngs(job_id, 0, [b"png0"])
+    w.store_pngs([(job_id, 0, b"png0")])
     result = JobResult(images=[ImageInfo(index=0, seed=0, class_label=3, metadata={"k": "v"})], worker="w1",
                        sampling_s=0.5)
-    assert w.succeed(job, result)
+    assert w.finish([Outcome(job_id, JobStatus.succeeded, result=result)]) == {job_id}
     record = book.record(job_id)
     assert record is not None and record.status is JobStatus.succeeded and record.result == result
     assert record.started_at is not None and record.finished_at is not None
@@ -88,7 +88,7 @@ def test_dead_workers_jobs_are_requeued_then_failed_past_the_limit(redis_conn: r
         assert survivor.reap() == []  # heartbeat still fresh
         time.sleep(0.2)
         outcomes = survivor.reap()
-        assert not dead.succeed(claimed[0], JobResult(images=[], worker="x", sampling_s=0))  # not its job now
+        assert dead.finish([Outcome(claimed[0].id, JobStatus.cancelled)]) == set()  # not its job now
         if death == 0:
             assert outcomes == [(second, "requeued"), (first, "requeued")]
             assert redis_conn.lrange("rq:queue:m", 0, -1) == [first.encode(), second.encode()]
@@ -114,6 +114,6 @@ def test_cancel_of_a_claimed_job_sets_the_flag_and_publishes(redis_conn: redis.R
     assert w.cancel_requested([job_id]) == {job_id}
     message = pubsub.get_message(timeout=1.0)
     assert message is not None and message["data"] == job_id.encode()
-    assert w.cancel(job_id)
+    assert w.finish([Outcome(job_id, JobStatus.cancelled)]) == {job_id}
     assert book.status(job_id) is JobStatus.cancelled
     pubsub.close()
