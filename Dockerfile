@@ -15,6 +15,7 @@ ARG CUDA_TORCH_IMAGE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
 
 # ---- source: the project tree with generated stubs ---------------------------------------------
 FROM ${PYTHON_IMAGE} AS source
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends make \
     && rm -rf /var/lib/apt/lists/*
@@ -49,7 +50,7 @@ USER 10001:10001
 WORKDIR /home/edm
 EXPOSE 8000 50051
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('EDM_PORT', '8000'), timeout=2)"
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('EDM_PORT', '8000'), timeout=2)"]
 ENTRYPOINT ["edm-serve"]
 CMD ["gateway"]
 
@@ -80,7 +81,7 @@ WORKDIR /home/edm
 EXPOSE 9101
 # The metrics port opens once the models are loaded and Redis answered: healthy = ready to work.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=300s --retries=3 \
-    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/metrics' % os.environ.get('EDM_METRICS_PORT', '9101'), timeout=2)"
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/metrics' % os.environ.get('EDM_METRICS_PORT', '9101'), timeout=2)"]
 ENTRYPOINT ["edm-worker-entrypoint"]
 CMD ["edm-serve", "worker"]
 
@@ -112,6 +113,6 @@ USER 10001:10001
 WORKDIR /home/edm
 EXPOSE 9101
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
-    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/metrics' % os.environ.get('EDM_METRICS_PORT', '9101'), timeout=2)"
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/metrics' % os.environ.get('EDM_METRICS_PORT', '9101'), timeout=2)"]
 ENTRYPOINT ["edm-worker-entrypoint"]
 CMD ["edm-serve", "worker"]
