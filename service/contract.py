@@ -31,14 +31,14 @@ class SamplerParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    num_steps: int = Field(18, ge=2, description="noise levels N; NFE = 2N-1 (Heun) or N (Euler)")
-    sigma_min: float | None = Field(None, gt=0, allow_inf_nan=False)
-    sigma_max: float | None = Field(None, gt=0, allow_inf_nan=False)
-    rho: float = Field(7.0, gt=0, allow_inf_nan=False)
-    S_churn: float = Field(0.0, ge=0, allow_inf_nan=False)
-    S_min: float = Field(0.0, ge=0, allow_inf_nan=False)
-    S_max: float | None = Field(None, ge=0, allow_inf_nan=False, description="None = infinity")
-    S_noise: float = Field(1.0, ge=0, allow_inf_nan=False)
+    num_steps: int = Field(default=18, ge=2, description="noise levels N; NFE = 2N-1 (Heun) or N (Euler)")
+    sigma_min: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    sigma_max: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    rho: float = Field(default=7.0, gt=0, allow_inf_nan=False)
+    S_churn: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    S_min: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    S_max: float | None = Field(default=None, ge=0, allow_inf_nan=False, description="None = infinity")
+    S_noise: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     solver: Literal["euler", "heun"] | None = None
     discretization: Literal["vp", "ve", "iddpm", "edm"] | None = None
     schedule: Literal["vp", "ve", "linear"] | None = None
@@ -129,5 +129,5 @@ class WorkerInfo(BaseModel):
     pid: int
     host: str
     busy: bool = False
-    nfe_per_s: float = Field(0.0, description="recent throughput, for Retry-After estimates")
+    nfe_per_s: float = Field(default=0.0, description="recent throughput, for Retry-After estimates")
     started_at: float

@@ -93,6 +93,11 @@ class Keys:
         return Job.redis_job_namespace_prefix + job_id
 
 
+def text(value: Any) -> str:
+    """A Redis reply as str (replies are bytes: clients are made without decode_responses)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def connect(url: str, timeout_s: float) -> redis.Redis:
     """A client that fails fast: short timeouts, one immediate retry (which reconnects)."""
     return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=min(timeout_s, 1.0),
@@ -273,14 +278,14 @@ class Ledger:
 
     def owner_of(self, job_id: str) -> str | None:
         owner = self.conn.hget(Keys.job(job_id), "owner")
-        return None if owner is None else owner.decode()
+        return None if owner is None else text(owner)
 
     def status(self, job_id: str) -> JobStatus | None:
         raw = self.conn.hget(Keys.rq_job(job_id), "status")
-        return None if raw is None else _STATUS[RQStatus(raw.decode())]
+        return None if raw is None else _STATUS[RQStatus(text(raw))]
 
     def record(self, job_id: str) -> JobRecord | None:
-        fields = {k.decode(): v.decode() for k, v in self.conn.hgetall(Keys.job(job_id)).items()}
+        fields = {text(k): text(v) for k, v in self.conn.hgetall(Keys.job(job_id)).items()}
         if not fields:
             return None
         try:
@@ -291,7 +296,8 @@ class Ledger:
         status = _STATUS[job.get_status(refresh=False)]
         position = None
         if status is JobStatus.queued:
-            position = self.conn.lpos(Keys.queue(spec.model), job_id)
+            found = self.conn.lpos(Keys.queue(spec.model), job_id)
+            position = found if isinstance(found, int) else 0  # not in the list: a worker just claimed it
         result = None
         if status is JobStatus.succeeded:
             value = job.return_value()
@@ -331,7 +337,7 @@ class Ledger:
         model = self.conn.hget(Keys.job(job_id), "model")
         if model is None:
             return None
-        if self._unqueue(keys=[Keys.queue(model.decode()), Keys.job(job_id), Keys.QUEUED_NFE], args=[job_id]):
+        if self._unqueue(keys=[Keys.queue(text(model)), Keys.job(job_id), Keys.QUEUED_NFE], args=[job_id]):
             with self.conn.pipeline() as pipe:
                 finish(self.conn, pipe, [Outcome(job_id, JobStatus.cancelled, error="cancelled while queued")],
                        result_ttl=self.result_ttl_s, failure_ttl=self.failure_ttl_s)
@@ -355,11 +361,11 @@ class Ledger:
             return dict(zip(models, pipe.execute(), strict=True))
 
     def live_workers(self) -> list[WorkerInfo]:
-        ids = sorted(w.decode() for w in self.conn.smembers(Keys.WORKERS))
+        ids = sorted(text(w) for w in self.conn.smembers(Keys.WORKERS))
         if not ids:
             return []
         beats = self.conn.mget([Keys.heartbeat(w) for w in ids])
         return [WorkerInfo.model_validate_json(b) for b in beats if b]
 
     def published_cards(self) -> dict[str, dict[str, Any]]:
-        return {k.decode(): json.loads(v) for k, v in self.conn.hgetall(Keys.CARDS).items()}
+        return {text(k): json.loads(v) for k, v in self.conn.hgetall(Keys.CARDS).items()}

@@ -42,7 +42,8 @@ class RequestContext:
 
     async def _read_body(self, receive: Any) -> bytes | None:
         """The whole request body (small by design), or None once it passes the limit."""
-        chunks, size = [], 0
+        chunks: list[bytes] = []
+        size = 0
         while True:
             message = await receive()
             if message["type"] != "http.request":
@@ -55,7 +56,7 @@ class RequestContext:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -66,7 +67,7 @@ class RequestContext:
         started = time.perf_counter()
         status = [500]
 
-        async def send_with_id(message: dict[str, Any]) -> None:
+        async def send_with_id(message: Any) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]

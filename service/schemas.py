@@ -21,10 +21,10 @@ class GenerateRequest(SamplerParams):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str | None = Field(None, description="model name; default: the server's default model")
+    model: str | None = Field(default=None, description="model name; default: the server's default model")
     class_label: int | str | None = None
-    seeds: list[Seed] | None = Field(None, min_length=1)
-    count: int | None = Field(None, ge=1)
+    seeds: list[Seed] | None = Field(default=None, min_length=1)
+    count: int | None = Field(default=None, ge=1)
     start: Seed | None = None
 
     def sampler(self) -> SamplerParams:
@@ -52,7 +52,7 @@ class JobView(BaseModel):
     status: JobStatus
     model: str
     seeds: list[int]
-    queue_position: int | None = Field(None, description="0 = next to run; only while queued")
+    queue_position: int | None = Field(default=None, description="0 = next to run; only while queued")
     progress: Progress
     created_at: float
     started_at: float | None

@@ -46,14 +46,14 @@ class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EDM_", extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_timeout_s: float = Field(2.0, gt=0, description="socket timeout of ordinary Redis commands")
+    redis_timeout_s: float = Field(default=2.0, gt=0, description="socket timeout of ordinary Redis commands")
     models: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict, description="name -> checkpoint path (JSON or name=path,...)")
-    models_file: Path | None = Field(None, description="JSON file {name: path}, or name=path lines")
-    bundled_model: bool = Field(True, description="serve the bundled digits model as well")
-    default_model: str | None = Field(None, description="model used when a request names none")
-    result_ttl_s: int = Field(3600, gt=0, description="how long finished jobs and their PNGs are kept")
-    failure_ttl_s: int = Field(86400, gt=0, description="how long failed and cancelled jobs are kept")
+    models_file: Path | None = Field(default=None, description="JSON file {name: path}, or name=path lines")
+    bundled_model: bool = Field(default=True, description="serve the bundled digits model as well")
+    default_model: str | None = Field(default=None, description="model used when a request names none")
+    result_ttl_s: int = Field(default=3600, gt=0, description="how long finished jobs and their PNGs are kept")
+    failure_ttl_s: int = Field(default=86400, gt=0, description="how long failed and cancelled jobs are kept")
     log_level: str = "INFO"
 
     _parse_models = field_validator("models", mode="before")(parse_models)
@@ -64,14 +64,14 @@ class GatewaySettings(CommonSettings):
     port: int = 8000
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="accepted bearer tokens; empty = no authentication")
-    max_queued_nfe: int = Field(200_000, gt=0, description="queued work (NFE) above which jobs get 429")
-    sync_timeout_s: float = Field(60.0, gt=0, description="how long POST /v1/generate waits")
-    max_body_bytes: int = Field(64 * 1024, gt=0)
-    max_images: int = Field(256, gt=0, description="seeds per request")
-    max_steps: int = Field(1000, ge=2, description="num_steps per request")
-    idempotency_ttl_s: int = Field(86400, gt=0)
-    http_threads: int = Field(256, gt=0, description="threads serving blocking route handlers")
-    grpc_port: int | None = Field(None, description="reserved for the gRPC server (not built yet)")
+    max_queued_nfe: int = Field(default=200_000, gt=0, description="queued work (NFE) above which jobs get 429")
+    sync_timeout_s: float = Field(default=60.0, gt=0, description="how long POST /v1/generate waits")
+    max_body_bytes: int = Field(default=64 * 1024, gt=0)
+    max_images: int = Field(default=256, gt=0, description="seeds per request")
+    max_steps: int = Field(default=1000, ge=2, description="num_steps per request")
+    idempotency_ttl_s: int = Field(default=86400, gt=0)
+    http_threads: int = Field(default=256, gt=0, description="threads serving blocking route handlers")
+    grpc_port: int | None = Field(default=None, description="reserved for the gRPC server (not built yet)")
 
     _split_keys = field_validator("api_keys", mode="before")(_split_list)
 
@@ -79,16 +79,16 @@ class GatewaySettings(CommonSettings):
 class WorkerSettings(CommonSettings):
     serve: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="names of the models this worker serves; empty = all")
-    device: str = Field("cpu", description="cpu, cuda or cuda:N")
-    dtype: str = Field("auto", pattern="^(auto|fp32|fp16|bf16)$", description="auto = the checkpoint's choice")
-    max_batch: int = Field(64, gt=0, description="images per forward pass")
-    max_wait_s: float = Field(0.05, ge=0, description="longest wait for more jobs to fill a batch")
-    batch_gap_s: float = Field(0.002, ge=0, description="stop filling a batch when no job came for this long")
-    metrics_port: int = Field(9101, ge=0, description="Prometheus port of this worker; 0 = off")
-    heartbeat_interval_s: float = Field(1.0, gt=0)
-    heartbeat_ttl_s: float = Field(5.0, gt=0, description="a worker silent this long is dead")
-    max_reruns: int = Field(2, ge=0, description="reruns after worker deaths before a job fails")
-    torch_threads: int = Field(1, gt=0)
-    name: str | None = Field(None, description="worker id prefix (default host name)")
+    device: str = Field(default="cpu", description="cpu, cuda or cuda:N")
+    dtype: str = Field(default="auto", pattern="^(auto|fp32|fp16|bf16)$", description="auto = the checkpoint's choice")
+    max_batch: int = Field(default=64, gt=0, description="images per forward pass")
+    max_wait_s: float = Field(default=0.05, ge=0, description="longest wait for more jobs to fill a batch")
+    batch_gap_s: float = Field(default=0.002, ge=0, description="stop filling a batch when no job came for this long")
+    metrics_port: int = Field(default=9101, ge=0, description="Prometheus port of this worker; 0 = off")
+    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    heartbeat_ttl_s: float = Field(default=5.0, gt=0, description="a worker silent this long is dead")
+    max_reruns: int = Field(default=2, ge=0, description="reruns after worker deaths before a job fails")
+    torch_threads: int = Field(default=1, gt=0)
+    name: str | None = Field(default=None, description="worker id prefix (default host name)")
 
     _split_serve = field_validator("serve", mode="before")(_split_list)

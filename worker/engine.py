@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -100,7 +101,8 @@ class Engine:
         seeds = [seed for piece in batch for seed in piece.job.spec.seeds[piece.start:piece.stop]]
         labels = [label for piece in batch for label in piece.job.spec.class_labels[piece.start:piece.stop]]
         settings = SamplerSettings(**spec.sampler.settings_kwargs())
-        return generate(self.models[spec.model].net, seeds, labels, settings, on_eval=on_eval)
+        net: Any = self.models[spec.model].net  # a model.precond.Precond
+        return generate(net, seeds, labels, settings, on_eval=on_eval)
 
     def encode(self, spec: JobSpec, image: GeneratedImage) -> tuple[bytes, dict[str, str]]:
         model = self.models[spec.model]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from model.generate import EvalEvent
 from worker.batcher import Slice, batch_rows
@@ -22,7 +23,7 @@ class Aborted(Exception):
 
 
 class BatchObserver:
-    def __init__(self, batch: list[Slice], *, report: Callable[[dict[str, dict[str, int]]], set[str]],
+    def __init__(self, batch: list[Slice], *, report: Callable[[dict[str, dict[str, Any]]], set[str]],
                  cancelled: Callable[[], set[str]], aborted: Callable[[], bool], metrics: WorkerMetrics,
                  report_interval_s: float = 0.1):
         self.batch = batch

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import redis
 from redis.exceptions import WatchError
@@ -20,7 +21,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from service.contract import JobSpec, JobStatus, WorkerInfo
-from service.ledger import Keys, Outcome, finish, rq_time
+from service.ledger import Keys, Outcome, finish, rq_time, text
 from worker.batcher import Claimed
 
 log = logging.getLogger("worker.queue")
@@ -109,14 +110,14 @@ class WorkerQueue:
     def claim(self, model: str, n: int) -> list[Claimed]:
         """Up to n queued jobs of `model`, without waiting."""
         ids = self._claim(keys=[Keys.queue(model), self.claimed_key, Keys.QUEUED_NFE], args=[n])
-        return self._load([i.decode() for i in ids])
+        return self._load([text(i) for i in ids])
 
     def claim_blocking(self, model: str, timeout_s: float) -> list[Claimed]:
         """One job of `model`, waiting up to timeout_s for it (BLMOVE)."""
-        raw = self.conn.blmove(Keys.queue(model), self.claimed_key, timeout_s, "LEFT", "RIGHT")
+        raw = self.conn.blmove(Keys.queue(model), self.claimed_key, timeout_s, "LEFT", "RIGHT")  # type: ignore[arg-type]
         if raw is None:
             return []
-        job_id = raw.decode()
+        job_id = text(raw)
         self._account(keys=[Keys.job(job_id), Keys.QUEUED_NFE])
         return self._load([job_id])
 
@@ -142,7 +143,7 @@ class WorkerQueue:
             self._requeue_one(self.claimed_key, job.id, job.spec.model, count_rerun=False)
 
     def held(self) -> list[str]:
-        return [i.decode() for i in self.conn.lrange(self.claimed_key, 0, -1)]
+        return [text(i) for i in self.conn.lrange(self.claimed_key, 0, -1)]
 
     def _requeue_one(self, claimed_key: str, job_id: str, model: str, *, count_rerun: bool) -> int:
         registry = StartedJobRegistry(model, connection=self.conn).key
@@ -162,7 +163,7 @@ class WorkerQueue:
             pipe.hset(Keys.job(job.id), mapping={"started": now, "worker": self.id, "execution": execution})
             pipe.execute()
 
-    def report(self, progress: dict[str, dict[str, int]]) -> set[str]:
+    def report(self, progress: dict[str, dict[Any, Any]]) -> set[str]:
         """Write each job's progress fields; return the ids whose cancellation was requested."""
         ids = list(progress)
         with self.conn.pipeline(transaction=False) as pipe:
@@ -199,7 +200,7 @@ class WorkerQueue:
             with self.conn.pipeline() as pipe:
                 try:
                     pipe.watch(claimed_key)
-                    held = {raw.decode() for raw in pipe.lrange(claimed_key, 0, -1)}
+                    held = {text(raw) for raw in pipe.lrange(claimed_key, 0, -1)}
                     mine = [o for o in outcomes if o.job_id in held]
                     if not mine:
                         return set()
@@ -241,7 +242,7 @@ class WorkerQueue:
         outcomes: list[tuple[str, str]] = []
         try:
             for raw in self.conn.smembers(Keys.WORKERS):
-                worker = raw.decode()
+                worker = text(raw)
                 if worker == self.id or self.conn.exists(Keys.heartbeat(worker)):
                     continue
                 outcomes += self._reap_worker(worker)
@@ -253,12 +254,12 @@ class WorkerQueue:
         claimed_key = Keys.claimed(worker)
         outcomes = []
         for raw in reversed(self.conn.lrange(claimed_key, 0, -1)):
-            job_id = raw.decode()
+            job_id = text(raw)
             model = self.conn.hget(Keys.job(job_id), "model")
             if model is None:
                 self.conn.lrem(claimed_key, 1, job_id)
                 continue
-            code = self._requeue_one(claimed_key, job_id, model.decode(), count_rerun=True)
+            code = self._requeue_one(claimed_key, job_id, text(model), count_rerun=True)
             if code == 1:
                 outcomes.append((job_id, "requeued"))
             elif code == -1:

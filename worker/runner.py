@@ -21,7 +21,7 @@ import redis
 from model.generate import GeneratedImage
 from service import logs
 from service.contract import ImageInfo, JobResult, JobStatus, WorkerInfo
-from service.ledger import Keys, Outcome
+from service.ledger import Keys, Outcome, text
 from worker.batcher import Claimed, Slice, plan_batch
 from worker.engine import Engine
 from worker.metrics import WorkerMetrics
@@ -68,7 +68,7 @@ class CancelListener(threading.Thread):
                         with self._lock:
                             if len(self._ids) > 10_000:  # mostly ids held elsewhere; the Redis flag stays
                                 self._ids.clear()
-                            self._ids.add(message["data"].decode())
+                            self._ids.add(text(message["data"]))
             except redis.RedisError as error:
                 log.warning("cancel listener lost Redis: %s", error)
                 self.stop.wait(1.0)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +30,7 @@ from tests.integration.servers import (
     start_gateway,
     wait_until,
     wait_worker,
+    worker_id_of,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -39,6 +42,7 @@ class Stack:
     conn: redis.Redis
     workers: list[Process]
     metrics_url: str
+    logs: Path
 
     def client(self, timeout: float = 60) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout)
@@ -56,7 +60,7 @@ def stack(redis_server: RedisServer, tiny_model: Path, tmp_path_factory: pytest.
     gateway, url = start_gateway(env, logs / "gateway.log")
     for worker in workers:
         wait_worker(worker, conn)
-    yield Stack(url, conn, workers, f"http://127.0.0.1:{metrics_port}/metrics")
+    yield Stack(url, conn, workers, f"http://127.0.0.1:{metrics_port}/metrics", logs)
     gateway.stop()
     codes = [worker.stop() for worker in workers]
     assert codes == [0, 0], [w.output()[-2000:] for w in workers]
@@ -147,3 +151,28 @@ def test_worker_metrics(stack: Stack) -> None:
                  "edm_queue_wait_seconds", "edm_sampling_seconds", "edm_job_latency_seconds",
                  "edm_inflight_images", "edm_worker_busy", 'edm_model_load_seconds{model="tiny"}'):
         assert name in text, name
+
+
+def test_logs_are_json_lines_with_request_and_job_ids(stack: Stack) -> None:
+    gateway = [json.loads(line) for line in (stack.logs / "gateway.log").read_text().splitlines()
+               if line.startswith("{")]
+    accepted = [line for line in gateway if line["msg"] == "job accepted"]
+    assert accepted and all(line["request_id"] and line["job_id"] for line in accepted)
+    assert any(line.get("route") == "/v1/generate" and line["request_id"] for line in gateway)
+    worker = [json.loads(line) for line in (stack.logs / "worker0.log").read_text().splitlines()
+              if line.startswith("{")]
+    assert any(line["msg"] == "job succeeded" and line["job_id"] for line in worker)
+
+
+def test_sigterm_finishes_the_running_batch_then_exits(stack: Stack) -> None:
+    """Runs last in this module: it stops one of the two workers."""
+    with stack.client() as client:
+        job_id = client.post("/v1/jobs", json={"seeds": list(range(6)), "num_steps": 100}).json()["id"]
+        wait_until(lambda: client.get(f"/v1/jobs/{job_id}").json()["progress"]["nfe"] > 0, 30)
+        holder = stack.conn.hget(f"edm:job:{job_id}", "worker").decode()
+        worker = next(w for w in stack.workers if worker_id_of(w, stack.conn) == holder)
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(60) == 0
+        view = client.get(f"/v1/jobs/{job_id}").json()
+        assert view["status"] == "succeeded" and view["reruns"] == 0
+        assert not stack.conn.sismember("edm:workers", holder) and not stack.conn.exists(f"edm:claimed:{holder}")
