@@ -67,7 +67,7 @@ class Override:
 def load_yaml(path: Path) -> Any:
     yaml = require_module("yaml", "PyYAML")
 
-    class Loader(yaml.SafeLoader):
+    class Loader(yaml.SafeLoader):  # type: ignore[name-defined]
         pass
 
     def construct(cls: type) -> Any:
@@ -180,6 +180,13 @@ def compose_environment(service: dict[str, Any]) -> dict[str, str | None]:
         pairs = [item.split("=", 1) for item in env]
         return {p[0]: (p[1] if len(p) > 1 else None) for p in pairs}
     return {k: (None if v is None else str(v)) for k, v in env.items()}
+
+
+def env_value(service: dict[str, Any], key: str) -> str:
+    """A variable the service's environment sets to a value (not a pass-through)."""
+    value = compose_environment(service).get(key)
+    assert value is not None, f"{key} has no value"
+    return value
 
 
 def container_ports(service: dict[str, Any]) -> set[int]:

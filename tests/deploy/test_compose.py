@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic_settings import BaseSettings
 
 from tests.deploy.helpers import (
     COMPOSE,
@@ -22,6 +23,7 @@ from tests.deploy.helpers import (
     compose_model,
     compose_schema,
     container_ports,
+    env_value,
     load_yaml,
     schema_errors,
     untag,
@@ -129,7 +131,8 @@ def test_redis_persists_with_append_only_file(gpu: dict[str, Any]) -> None:
 def test_gateway_publishes_rest_and_grpc(gpu: dict[str, Any]) -> None:
     gateway = gpu["services"]["gateway"]
     env = compose_environment(gateway)
-    assert container_ports(gateway) == {int(env["EDM_PORT"]), int(env["EDM_GRPC_PORT"])} == {8000, 50051}
+    ports = {int(env_value(gateway, "EDM_PORT")), int(env_value(gateway, "EDM_GRPC_PORT"))}
+    assert container_ports(gateway) == ports == {8000, 50051}
     assert env["EDM_HOST"] == "0.0.0.0"
     assert f":{env['EDM_PORT']}/healthz" in " ".join(gateway["healthcheck"]["test"])
     published = compose_model(COMPOSE, env={"GATEWAY_HTTP_PORT": "18000", "GATEWAY_GRPC_PORT": "15051"})
@@ -141,7 +144,7 @@ def test_worker_can_be_scaled(gpu: dict[str, Any]) -> None:
     worker = gpu["services"]["worker"]
     env = compose_environment(worker)
     assert "container_name" not in worker and "ports" not in worker and "hostname" not in worker
-    assert container_ports(worker) == {int(env["EDM_METRICS_PORT"])}
+    assert container_ports(worker) == {int(env_value(worker, "EDM_METRICS_PORT"))}
     assert f":{env['EDM_METRICS_PORT']}/metrics" in " ".join(worker["healthcheck"]["test"])
 
 
@@ -229,6 +232,6 @@ def dockerfile_stages(path: Path) -> set[str]:
     return stages
 
 
-def settings_vars(cls: type) -> set[str]:
+def settings_vars(cls: type[BaseSettings]) -> set[str]:
     prefix = cls.model_config.get("env_prefix", "")
     return {(prefix + name).upper() for name in cls.model_fields}

@@ -10,8 +10,8 @@ from tests.deploy.helpers import (
     COMPOSE,
     PROMETHEUS_CONFIG,
     RULES_DIR,
-    compose_environment,
     compose_model,
+    env_value,
     exported_metric_names,
     load_yaml,
     metric_names_in,
@@ -51,8 +51,8 @@ def test_scrape_jobs_find_every_compose_replica_on_its_real_port() -> None:
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     services = compose_model(COMPOSE)["services"]
     expected = {
-        "edm-gateway": ("gateway", int(compose_environment(services["gateway"])["EDM_PORT"])),
-        "edm-worker": ("worker", int(compose_environment(services["worker"])["EDM_METRICS_PORT"])),
+        "edm-gateway": ("gateway", int(env_value(services["gateway"], "EDM_PORT"))),
+        "edm-worker": ("worker", int(env_value(services["worker"], "EDM_METRICS_PORT"))),
     }
     for job_name, (service, port) in expected.items():
         [sd] = jobs[job_name]["dns_sd_configs"]
