@@ -6,7 +6,7 @@ BIN = $(VENV)/bin
 # On a GPU host: make setup TORCH=torch
 TORCH ?= torch==2.13.0
 
-.PHONY: setup run test lint proto bench
+.PHONY: setup run test test-tools lint proto bench
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,11 @@ setup:
 run:
 	$(BIN)/edm-serve up
 
-test:
+# The deploy tests need promtool/prometheus (Debian) and schema checkers (PyPI): installed once, idempotent.
+test-tools:
+	VENV=$(VENV) bash deploy/ci-install.sh
+
+test: test-tools
 	$(BIN)/python -m pytest
 
 lint:
