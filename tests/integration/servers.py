@@ -68,7 +68,7 @@ def stack_env(redis_url: str, models: dict[str, Path], **extra: Any) -> dict[str
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDM_")}
     env.update({"EDM_REDIS_URL": redis_url, "EDM_MODELS": json.dumps({k: str(v) for k, v in models.items()}),
                 "EDM_BUNDLED_MODEL": "false", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                "PYTHONPATH": str(ROOT)})
+                "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)})
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -25,7 +25,7 @@ print("LEAKED" if leaked else "CLEAN", leaked[:5])
 def test_gateway_app_factory_does_not_import_torch(tiny_model: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDM_")}
     env.update({"EDM_MODELS": json.dumps({"tiny": str(tiny_model)}), "EDM_BUNDLED_MODEL": "false",
-                "PYTHONPATH": str(ROOT)})
+                "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)})
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("CLEAN"), out.stdout
