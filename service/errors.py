@@ -7,6 +7,7 @@ field (`field`, and `errors` listing each one), so a client can point at its own
 from __future__ import annotations
 
 import logging
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -57,9 +58,15 @@ def problem_response(problem: Problem, request: Request | None = None) -> JSONRe
     return JSONResponse(body, status_code=problem.status, headers=problem.headers, media_type=PROBLEM_JSON)
 
 
+_UNION_TAG = re.compile(r"^(int|str|float|bool|none|list\[.*\]|dict\[.*\]|literal\[.*\]|function-.*|"
+                        r"constrained-.*|strict-.*|lax-.*)$")
+
+
 def field_path(loc: tuple[Any, ...]) -> str:
-    """('body', 'seeds', 2) -> 'seeds[2]'; a header location keeps its name."""
+    """('body', 'seeds', 2) -> 'seeds[2]'; a header location keeps its name; union member tags
+    (('class_label', 'int')) are dropped."""
     parts = list(loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc)
+    parts = [p for p in parts if not (isinstance(p, str) and _UNION_TAG.match(p))]
     path = ""
     for part in parts:
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
@@ -73,7 +80,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"field": field_path(tuple(e["loc"])), "message": e["msg"]} for e in exc.errors()]
+        errors = []
+        for e in exc.errors():
+            entry = {"field": field_path(tuple(e["loc"])), "message": e["msg"]}
+            if entry not in errors:  # a union reports once per member
+                errors.append(entry)
         first = errors[0] if errors else {"field": "body", "message": "invalid request"}
         problem = Problem(422, f"{first['field']}: {first['message']}", field=first["field"],
                           title="Invalid request", type_="urn:edm-serve:problem:invalid-request",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from service.contract import SEED_LIMIT, JobStatus, Progress, SamplerParams
 
-Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
+Seed = Annotated[StrictInt, Field(ge=0, lt=SEED_LIMIT)]
 
 
 class GenerateRequest(SamplerParams):
@@ -22,7 +22,7 @@ class GenerateRequest(SamplerParams):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str | None = Field(default=None, description="model name; default: the server's default model")
-    class_label: int | str | None = None
+    class_label: StrictInt | str | None = None
     seeds: list[Seed] | None = Field(default=None, min_length=1)
     count: int | None = Field(default=None, ge=1)
     start: Seed | None = None

@@ -97,6 +97,8 @@ def test_unknown_model_is_404(gateway: Start) -> None:
     ({"class_label": 10}, "class_label"),
     ({"class_label": "seven"}, "class_label"),
     ({"class_label": -1}, "class_label"),
+    ({"class_label": True}, "class_label"),
+    ({"class_label": [1]}, "class_label"),
     ({"count": 9}, "count"),
     ({"seeds": list(range(9))}, "seeds"),
     ({"seeds": [1, -1]}, "seeds[1]"),
