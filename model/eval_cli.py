@@ -243,26 +243,40 @@ def main(argv: list[str]) -> int:
     (outdir / "eval.json").write_text(json.dumps(report, indent=2, allow_nan=False, default=_json_default) + "\n")
 
     if args.write_card:
-        quality = {
-            "measured_by": report["command"],
-            "evaluated_at": report["evaluated_at"],
-            "device": report["environment"]["device"],
-            "classifier_heldout_accuracy": classifier.heldout_accuracy,
-            "num_samples": args.samples,
-            "main": {k: main_result[k] for k in ("nfe", "solver", "discretization", "accuracy", "fd")},
-            "fd_table": table,
-            "accuracy_table": {name: {str(r["nfe"]): r["accuracy"] for r in results if r["name"] == name}
-                               for name in table},
-            "bars": report["bars"],
-            "png_identical_run_to_run": identical,
-            "metric_notes": report["metrics"],
-        }
-        updated = ModelCard.model_validate({**load_card(model_path).model_dump(), "quality": quality})
-        save_card(updated, model_path)
+        card_on_disk = load_card(model_path)
+        quality = card_quality(card_on_disk.quality, report)
+        save_card(ModelCard.model_validate({**card_on_disk.model_dump(), "quality": quality}), model_path)
 
     _print_summary(report)
     print(f"Wrote {outdir / 'eval.json'} and plots ({report['seconds']:.0f} s).", file=sys.stderr)
     return 0
+
+
+def card_quality(previous: dict[str, Any] | None, report: dict[str, Any]) -> dict[str, Any]:
+    """The card's quality section: this report's runs merged into earlier ones (a run measured again
+    with the same sample count replaces the old figure), the bars recomputed from all of them."""
+    keep = ("name", "nfe", "num_steps", "solver", "discretization", "schedule", "scaling", "stochastic",
+            "num_samples", "accuracy", "fd")
+    runs = {(r["name"], r["nfe"], r["num_samples"]): r for r in (previous or {}).get("runs", [])}
+    for r in report["results"]:
+        runs[r["name"], r["nfe"], r["num_samples"]] = {
+            **{k: r[k] for k in keep}, "device": report["environment"]["device"], "command": report["command"]}
+    rows = sorted(runs.values(), key=lambda r: (r["name"], r["nfe"], r["num_samples"]))
+    largest = max((r["num_samples"] for r in rows), default=0)
+    main = report["main"]
+    return {
+        "evaluated_by": "edm-serve eval (model/evaluate.py)",
+        "last_evaluated_at": report["evaluated_at"],
+        "classifier": {k: report["classifier"][k] for k in ("architecture", "data", "heldout_accuracy")},
+        "metrics": report["metrics"],
+        "fd_reference": report["reference"],
+        "main": {**{k: main[k] for k in ("nfe", "solver", "discretization", "num_samples", "accuracy", "fd")},
+                 "command": report["command"]},
+        "fd_table": {f"{r['name']} @ {r['nfe']} NFE": r["fd"] for r in rows if r["num_samples"] == largest},
+        "bars": bars([r for r in rows if r["num_samples"] == largest]),
+        "png_identical_run_to_run": report["png_identical_run_to_run"],
+        "runs": rows,
+    }
 
 
 def _json_default(value: Any) -> Any:

@@ -37,12 +37,21 @@ from model.samplers import SamplerSettings
 
 __all__ = [
     "PRESETS",
+    "TABLE1",
     "Classifier",
+    "DigitCNN",
     "RunResult",
+    "evaluate_run",
     "frechet_distance",
+    "gaussian_stats",
+    "num_steps_for",
+    "plot_sweep",
+    "real_data_fd",
+    "reference_stats",
+    "sample_grid_png",
+    "sample_images",
     "settings_for",
     "train_classifier",
-    "evaluate_run",
 ]
 
 # name -> (description, sampler settings other than num_steps). A solver of None means Heun.
@@ -309,6 +318,7 @@ def sample_grid_png(images: Tensor, rows: int, cols: int, *, scale: int = 8, gap
 def plot_sweep(results: Sequence[dict[str, Any]], path: str, *, title: str) -> None:
     """FD and class accuracy vs NFE, one line per sampler preset."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -322,8 +332,11 @@ def plot_sweep(results: Sequence[dict[str, Any]], path: str, *, title: str) -> N
         style = "-" if name in TABLE1 else "--"
         ax_fd.plot([r["nfe"] for r in rows], [r["fd"] for r in rows], style, marker="o", label=name)
         ax_acc.plot([r["nfe"] for r in rows], [100 * r["accuracy"] for r in rows], style, marker="o", label=name)
+    nfes = sorted({r["nfe"] for r in results})
     for ax in (ax_fd, ax_acc):
         ax.set_xscale("log")
+        ax.set_xticks(nfes, [str(n) for n in nfes])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("NFE (network evaluations per image)")
         ax.grid(True, which="both", alpha=0.3)
     ax_fd.set_yscale("log")

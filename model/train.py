@@ -282,6 +282,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
         self.step = 0
         self.wall_seconds = 0.0  # training time over all sessions of this run (for the model card)
+        self.history: list[dict[str, Any]] = []  # one entry per session (the CLI records its command)
 
     @property
     def precond_init_kwargs(self) -> dict[str, Any]:
@@ -362,6 +363,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "step": self.step,
             "wall_seconds": self.wall_seconds,
+            "history": self.history,
             "net": self.net.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -384,6 +386,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.wall_seconds = float(state.get("wall_seconds", 0.0))
+        self.history = list(state.get("history", []))
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)

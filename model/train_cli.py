@@ -128,6 +128,10 @@ def main(argv: list[str]) -> int:
         return 2
 
     outdir.mkdir(parents=True, exist_ok=True)
+    command = "edm-serve train " + shlex.join(argv)
+    session = {"command": command, "from_step": trainer.step, "to_step": config.total_steps, "wall_time_s": None}
+    trainer.history.append(session)
+    session_wall = trainer.wall_seconds
     print(f"Training {trainer.parameters:,} parameters on {len(dataset)} images ({dataset.description['name']}) "
           f"on {device}, steps {trainer.step}..{config.total_steps}", file=sys.stderr)
     bar = tqdm.tqdm(total=config.total_steps, initial=trainer.step, unit="step", file=sys.stderr,
@@ -152,11 +156,16 @@ def main(argv: list[str]) -> int:
 
         trainer.run(checkpoint_path=state_path, checkpoint_every=args.checkpoint_every, on_step=on_step)
     bar.close()
+    session["wall_time_s"] = round(trainer.wall_seconds - session_wall, 1)
+    trainer.save_checkpoint(state_path)  # with this session's wall time
 
     final_loss = sum(recent) / len(recent) if recent else None
     provenance = {
         "trained_by": "edm-serve train",
-        "command": "edm-serve train " + shlex.join(argv),
+        # Every session of the run, in order: running these commands again reproduces the weights
+        # bit for bit on the same device type (resume is exact).
+        "command": " && ".join(entry["command"] for entry in trainer.history),
+        "sessions": trainer.history,
         "data": dataset.description,
         "loss": config.loss,
         "config": config.to_dict(),
