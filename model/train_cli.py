@@ -5,10 +5,9 @@ A run lives in --outdir: `training-state.pt` (resumable checkpoint, written ever
 --checkpoint_every steps and at the end) and `log.jsonl` (loss, images/s). `--resume` continues a
 stopped run exactly where it left off; the finished model (the EMA weights) goes to --out.
 
-The bundled model was made with:
-
-    OMP_NUM_THREADS=1 edm-serve train --data digits --outdir runs/digits \
-        --out model/bundled/edm-digits-8x8-cond.json --threads 1
+The bundled model (model/bundled/) was made by this command; its card's provenance records the
+exact command lines of every session (a run extended with --resume continues bit-exactly), the
+data, steps and wall time.
 """
 
 from __future__ import annotations

@@ -185,10 +185,26 @@ def test_train_cli_writes_a_loadable_card_and_resumes(tmp_path, capsys) -> None:
     card = loaded.card
     assert card.preconditioner == "EDMPrecond" and card.label_dim == 10 and card.class_names[3] == "3"
     assert card.provenance["steps"] == 5 and card.provenance["images_seen"] == 80
-    assert card.provenance["command"].startswith("edm-serve train --data digits")
+    first, second = card.provenance["command"].split(" && ")  # both sessions: re-running them reproduces it
+    assert first.startswith("edm-serve train --data digits") and second.endswith("--steps 5 --resume")
+    assert [(s["from_step"], s["to_step"]) for s in card.provenance["sessions"]] == [(0, 3), (3, 5)]
     assert card.provenance["data"]["name"] == "sklearn.datasets.load_digits"
     logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert logged[-1]["step"] == 5
     with torch.no_grad():
         out_x = loaded.net(torch.zeros(2, 1, 8, 8), torch.tensor(1.0), torch.eye(10)[:2])
     assert out_x.shape == (2, 1, 8, 8) and bool(torch.isfinite(out_x).all())
+
+
+@pytest.mark.parametrize("loss", ["vp", "ve"])
+def test_vp_ve_losses_train_and_save_their_preconditioners(digits: ImageDataset, loss: str, tmp_path) -> None:
+    from model.checkpoint import load_model, save_model
+
+    trainer = Trainer(_tiny_config(loss=loss, total_steps=2), digits)
+    trainer.run()
+    assert type(trainer.net).__name__ == {"vp": "VPPrecond", "ve": "VEPrecond"}[loss]
+    save_model(trainer.ema, tmp_path / "m.json", name="m", init_kwargs=trainer.precond_init_kwargs)
+    loaded = load_model(tmp_path / "m.json")
+    x, sigma, labels = torch.randn(3, 1, 8, 8), torch.tensor([0.1, 1.0, 10.0]), torch.eye(10)[:3]
+    with torch.no_grad():
+        assert torch.equal(loaded.net(x, sigma, labels), trainer.ema(x, sigma, labels))
