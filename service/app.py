@@ -16,7 +16,7 @@ from service.catalog import Catalog
 from service.ledger import Ledger, connect
 from service.metrics import GatewayMetrics
 from service.middleware import RequestContext
-from service.routes import generate, health, jobs, models
+from service.routes import events, generate, health, jobs, models
 from service.settings import GatewaySettings
 from service.version import software_version
 
@@ -28,11 +28,13 @@ class Server(Protocol):
 
 
 def start_side_servers(app: FastAPI) -> list[Server]:
-    """Servers that live as long as the app. Slot for the gRPC server (settings.grpc_port), which a
-    later change adds: it will read app.state (settings, ledger, catalog) like the REST routes."""
-    if app.state.settings.grpc_port is not None:
-        log.warning("EDM_GRPC_PORT is set but this build has no gRPC server yet")
-    return []
+    """Servers that live as long as the app: the gRPC server when EDM_GRPC_PORT is set. It reads
+    app.state (settings, ledger, catalog, metrics) like the REST routes."""
+    if app.state.settings.grpc_port is None:
+        return []
+    from service.grpc.server import start  # grpc is imported only by a gateway that serves it
+
+    return [start(app.state)]
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -64,7 +66,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.key_hashes = frozenset(key_hash(k) for k in settings.api_keys)
     app.state.metrics = GatewayMetrics(lambda: app.state.ledger, list(catalog.models))
     errors.install(app)
-    for module in (generate, jobs, models, health):
+    for module in (generate, jobs, events, models, health):
         app.include_router(module.router)
     app.add_middleware(RequestContext, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes)
     return app

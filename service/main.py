@@ -1,5 +1,6 @@
-"""`edm-serve gateway`: run the REST gateway with uvicorn. Settings come from EDM_* variables;
-the options below override the most common ones."""
+"""`edm-serve gateway`: run the REST gateway with uvicorn, and the gRPC server beside it when a
+gRPC port is set (its log line "gRPC listening on HOST:PORT" gives the port). Settings come from
+EDM_* variables; the options below override the most common ones."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", help="bind address [EDM_HOST, default 127.0.0.1]")
     parser.add_argument("--port", type=int, help="port [EDM_PORT, default 8000]")
     parser.add_argument("--redis-url", help="Redis URL [EDM_REDIS_URL]")
+    parser.add_argument("--grpc-port", type=int, help="gRPC port, 0 = any free one [EDM_GRPC_PORT, default: no gRPC]")
     args = parser.parse_args(argv)
 
     import uvicorn
@@ -20,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     from service.app import create_app
     from service.settings import GatewaySettings
 
-    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "redis_url": args.redis_url}.items()
-                 if v is not None}
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "redis_url": args.redis_url,
+                                   "grpc_port": args.grpc_port}.items() if v is not None}
     settings = GatewaySettings(**overrides)
     setup_logging("gateway", settings.log_level)
     app = create_app(settings)

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("service.metrics")
 
+# The methods of edm.v1.GenerationService (tests/grpc checks this against the proto).
+GRPC_METHODS = tuple(f"edm.v1.GenerationService/{name}" for name in (
+    "Generate", "GenerateStream", "WatchJob", "GetJob", "CancelJob", "ListModels"))
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -67,4 +71,8 @@ class GatewayMetrics:
         self.generate_seconds = Histogram(
             "edm_generate_latency_seconds", "End-to-end latency of POST /v1/generate that finished",
             ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.grpc_requests = Counter("edm_grpc_requests", "gRPC calls by method and status code",
+                                     ["method", "code"], registry=r)
+        for method in GRPC_METHODS:  # every method shows (at 0) before its first call
+            self.grpc_requests.labels(method, "OK")
         r.register(QueueCollector(ledger, models))

@@ -71,7 +71,10 @@ class GatewaySettings(CommonSettings):
     max_steps: int = Field(default=1000, ge=2, description="num_steps per request")
     idempotency_ttl_s: int = Field(default=86400, gt=0)
     http_threads: int = Field(default=256, gt=0, description="threads serving blocking route handlers")
-    grpc_port: int | None = Field(default=None, description="reserved for the gRPC server (not built yet)")
+    grpc_port: int | None = Field(default=None, ge=0, le=65535,
+                                  description="port of the gRPC server (edm.v1); unset = no gRPC, 0 = any free port")
+    grpc_threads: int = Field(default=128, gt=0, description="gRPC handler threads; each open event stream holds one")
+    grpc_health_interval_s: float = Field(default=0.5, gt=0, description="how often gRPC health re-checks readiness")
 
     _split_keys = field_validator("api_keys", mode="before")(_split_list)
 

@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="gateway bind address [127.0.0.1]")
     parser.add_argument("--port", type=int, default=8000, help="gateway port [8000]")
     parser.add_argument("--metrics-port", type=int, default=9101, help="the worker's metrics port [9101]")
+    parser.add_argument("--grpc-port", type=int, default=50051, help="gRPC port, 0 = any free one, -1 = none [50051]")
     parser.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for readiness")
     args = parser.parse_args(argv)
 
@@ -107,12 +108,15 @@ def main(argv: list[str] | None = None) -> int:
             cli = [sys.executable, "-m", "service.cli"]
             procs.append(subprocess.Popen([*cli, "worker", "--metrics-port", str(args.metrics_port)], env=env,
                                           start_new_session=True))
-            procs.append(subprocess.Popen([*cli, "gateway", "--host", args.host, "--port", str(args.port)],
+            grpc_port = free_port(args.host) if args.grpc_port == 0 else args.grpc_port
+            grpc = ["--grpc-port", str(grpc_port)] if grpc_port >= 0 else []
+            procs.append(subprocess.Popen([*cli, "gateway", "--host", args.host, "--port", str(args.port), *grpc],
                                           env=env, start_new_session=True))
             host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
             url = f"http://{host}:{args.port}"
             wait_ready(url, procs, args.ready_timeout)
-            print(_banner(url, env["EDM_REDIS_URL"], args.metrics_port), flush=True)
+            print(_banner(url, env["EDM_REDIS_URL"], args.metrics_port,
+                          f"{host}:{grpc_port}" if grpc_port >= 0 else None), flush=True)
             while not stopping and all(p.poll() is None for p in procs):
                 time.sleep(0.2)
             return 0 if stopping else 1
@@ -130,13 +134,16 @@ def main(argv: list[str] | None = None) -> int:
                 stop(redis_proc, 5.0)
 
 
-def _banner(url: str, redis_url: str, metrics_port: int) -> str:
-    return "\n".join([
+def _banner(url: str, redis_url: str, metrics_port: int, grpc: str | None = None) -> str:
+    lines = [
         "edm-serve is up",
         f"  API      {url}  (OpenAPI docs: {url}/docs)",
         f"  metrics  {url}/metrics (gateway), http://127.0.0.1:{metrics_port}/metrics (worker)",
         f"  Redis    {redis_url}",
         f"  try      curl -s {url}/v1/generate -H 'Content-Type: application/json' "
         "-d '{\"class_label\": 7, \"seeds\": [0]}' -o digit.png",
-        "Ctrl-C stops everything.",
-    ])
+    ]
+    if grpc is not None:
+        lines[2:2] = [f"  gRPC     {grpc}  (edm.v1.GenerationService; health and reflection)"]
+        lines.append(f"           edm-serve generate --server {grpc} --class 7 --seeds 0 --stream --outdir frames")
+    return "\n".join([*lines, "Ctrl-C stops everything."])

@@ -2,9 +2,9 @@
 
 The engine calls `BatchObserver.on_eval` once per forward pass. It maps the batch's active rows
 back to their jobs, drops the rows of cancelled jobs (they free their batch slot at the next
-evaluation), and reports progress to Redis at most every `report_interval_s`. This is the one
-place that sees every intermediate x0 estimate: streaming frames to a per-job Redis stream
-belongs here too (see `publish_frames`).
+evaluation), reports progress to Redis at most every `report_interval_s`, and publishes one
+progress event per job and evaluation to the job's event stream (service/events.py), with the
+PNG of each of the job's rows' x0 estimate when the job asked for previews.
 """
 
 from __future__ import annotations
@@ -14,8 +14,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from model.generate import EvalEvent
+from model.images import encode_png, to_pixels
+from service.events import Frame
 from worker.batcher import Slice, batch_rows
 from worker.metrics import WorkerMetrics
+
+# (job id, event type, data, frames): what `publish` appends to the jobs' event streams.
+Published = tuple[str, str, dict[str, Any], list[Frame]]
 
 
 class Aborted(Exception):
@@ -25,9 +30,14 @@ class Aborted(Exception):
 class BatchObserver:
     def __init__(self, batch: list[Slice], *, report: Callable[[dict[str, dict[str, Any]]], set[str]],
                  cancelled: Callable[[], set[str]], aborted: Callable[[], bool], metrics: WorkerMetrics,
-                 report_interval_s: float = 0.1):
+                 report_interval_s: float = 0.1, publish: Callable[[list[Published]], None] | None = None,
+                 previews: Callable[[list[str]], dict[str, int]] | None = None):
         self.batch = batch
         self.row_slice = batch_rows(batch)
+        self.first_row = [sum(piece.size for piece in batch[:k]) for k in range(len(batch))]
+        self.publish = publish          # appends events to the jobs' streams
+        self.previews = previews        # job id -> k (x0 previews every k-th evaluation; 0 none)
+        self.preview_every: dict[str, int] = {}
         self.report = report            # writes progress, returns ids flagged for cancellation
         self.cancelled = cancelled      # ids whose cancellation this worker has heard of
         self.aborted = aborted
@@ -49,11 +59,13 @@ class BatchObserver:
         flagged = set(self.cancelled())
         if now - self._last_report >= self.report_interval_s or ev.nfe == ev.nfe_total:
             flagged |= self.report(self.progress(ev))
+            if self.previews is not None:  # re-read: the gateway may set it just after the job was queued
+                self.preview_every = self.previews([piece.job.id for piece in self.batch])
             self._last_report = now
-        self.publish_frames(ev)
         ids = {self.batch[self.row_slice[row]].job.id for row in ev.rows}
         newly = (flagged & ids) - self.dropped
         self.dropped |= newly
+        self.publish_frames(ev)
         return [row for row in ev.rows if self.batch[self.row_slice[row]].job.id in newly]
 
     def progress(self, ev: EvalEvent) -> dict[str, dict[str, int]]:
@@ -70,6 +82,26 @@ class BatchObserver:
         return out
 
     def publish_frames(self, ev: EvalEvent) -> None:
-        """Hook for streaming: ev.x0[i] is the current estimate of batch row ev.rows[i]. A later
-        change publishes these to per-job Redis streams for the jobs that asked for frames."""
+        """One progress event per job still running; ev.x0[i] is the estimate of batch row ev.rows[i]."""
+        if self.publish is None:
+            return
+        positions: dict[int, list[int]] = {}  # slice -> positions in ev.rows
+        for position, row in enumerate(ev.rows):
+            positions.setdefault(self.row_slice[row], []).append(position)
+        events: list[Published] = []
+        for k, where in positions.items():
+            piece = self.batch[k]
+            if piece.job.id in self.dropped:
+                continue
+            data = {"step": ev.step + 1, "num_steps": ev.num_steps, "sigma": ev.sigma, "nfe": ev.nfe,
+                    "nfe_total": ev.nfe_total, "images_done": piece.start}
+            frames: list[Frame] = []
+            every = self.preview_every.get(piece.job.id, 0)
+            if every > 0 and (ev.nfe % every == 0 or ev.nfe == ev.nfe_total):
+                pixels = to_pixels(ev.x0[where])
+                frames = [Frame(piece.start + ev.rows[p] - self.first_row[k], encode_png(pixels[i]))
+                          for i, p in enumerate(where)]
+            events.append((piece.job.id, "progress", data, frames))
+        if events:
+            self.publish(events)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -20,7 +21,8 @@ from rq.job import JobStatus as RQStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from service.contract import JobSpec, JobStatus, WorkerInfo
+from service.contract import ImageInfo, JobSpec, JobStatus, WorkerInfo
+from service.events import PREVIEW_FIELD, Frame, add_event
 from service.ledger import Keys, Outcome, finish, rq_time, text
 from worker.batcher import Claimed
 
@@ -80,6 +82,12 @@ if tonumber(redis.call('HGET', job, 'qnfe') or '0') == 0 then
 end
 return 1
 """
+
+def _terminal_event(outcome: Outcome) -> tuple[str, dict[str, Any]]:
+    if outcome.status is JobStatus.succeeded and outcome.result is not None:
+        return "done", {"images": len(outcome.result.images), "sampling_s": round(outcome.result.sampling_s, 4)}
+    return "error", {"status": outcome.status.value, "message": outcome.error or outcome.status.value}
+
 
 # Delete a key only if it still holds our token (releasing a lock we own).
 RELEASE = """
@@ -161,6 +169,7 @@ class WorkerQueue:
                                                     "started_at": rq_time(now)})
             pipe.zadd(registry, {execution: "+inf"})  # never "expires": our reaper handles dead workers
             pipe.hset(Keys.job(job.id), mapping={"started": now, "worker": self.id, "execution": execution})
+            add_event(pipe, job.id, "started", {"started_at": now, "worker": self.id}, ttl_s=self.result_ttl_s)
             pipe.execute()
 
     def report(self, progress: dict[str, dict[Any, Any]]) -> set[str]:
@@ -182,12 +191,29 @@ class WorkerQueue:
             flags = pipe.execute()
         return {job_id for job_id, flag in zip(ids, flags, strict=True) if flag == b"1"}
 
-    def store_pngs(self, pngs: list[tuple[str, int, bytes]]) -> None:
-        """(job id, image index, PNG bytes) triples, in one round trip."""
+    def store_pngs(self, pngs: list[tuple[str, int, bytes]], images: Sequence[tuple[str, ImageInfo]] = ()) -> None:
+        """(job id, image index, PNG bytes) triples, then an image event per (job id, info), in one round trip."""
         with self.conn.pipeline(transaction=False) as pipe:
             for job_id, index, data in pngs:
                 pipe.set(Keys.png(job_id, index), data, ex=self.result_ttl_s)
+            for job_id, info in images:
+                add_event(pipe, job_id, "image", info.model_dump(mode="json"), ttl_s=self.result_ttl_s)
             pipe.execute()
+
+    def publish_events(self, events: list[tuple[str, str, dict[str, Any], list[Frame]]]) -> None:
+        """Append (job id, type, data, frames) events to the jobs' event streams, in one round trip."""
+        with self.conn.pipeline(transaction=False) as pipe:
+            for job_id, type_, data, frames in events:
+                add_event(pipe, job_id, type_, data, frames, ttl_s=self.result_ttl_s)
+            pipe.execute()
+
+    def preview_every(self, ids: list[str]) -> dict[str, int]:
+        """Job id -> k for the jobs that asked for x0 previews with every k-th evaluation."""
+        with self.conn.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(Keys.job(job_id), PREVIEW_FIELD)
+            values = pipe.execute()
+        return {job_id: int(value) for job_id, value in zip(ids, values, strict=True) if value and int(value) > 0}
 
     # terminal states
 
@@ -209,6 +235,7 @@ class WorkerQueue:
                            worker=self.id)
                     for outcome in mine:
                         pipe.lrem(claimed_key, 1, outcome.job_id)
+                        add_event(pipe, outcome.job_id, *_terminal_event(outcome), ttl_s=self.result_ttl_s)
                     pipe.execute()
                     return {o.job_id for o in mine}
                 except WatchError:

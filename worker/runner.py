@@ -195,7 +195,8 @@ class Worker:
                 piece.job.started = True
                 self.metrics.queue_wait.labels(model).observe(max(0.0, time.time() - piece.job.created_at))
         observer = BatchObserver(batch, report=self.queue.report, cancelled=self.cancels.snapshot,
-                                 aborted=lambda: self.stop_requests > 1, metrics=self.metrics)
+                                 aborted=lambda: self.stop_requests > 1, metrics=self.metrics,
+                                 publish=self.queue.publish_events, previews=self.queue.preview_every)
         size = sum(piece.size for piece in batch)
         self.state = State.busy
         self._set_busy(size)
@@ -257,7 +258,7 @@ class Worker:
                 pngs.append((piece.job.id, k, data))
                 infos.setdefault(piece.job.id, []).append(
                     ImageInfo(index=k, seed=image.seed, class_label=image.class_label, metadata=text))
-        self.queue.store_pngs(pngs)
+        self.queue.store_pngs(pngs, [(job_id, info) for job_id, images in infos.items() for info in images])
         ended = []
         for piece in batch:
             job = piece.job
