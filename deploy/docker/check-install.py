@@ -4,13 +4,12 @@ Usage: python check-install.py {gateway|worker} [SOURCE_DIR]
 
 gateway: the REST app imports, and torch is neither installed nor imported (small image).
 worker:  torch and the model code import.
-both:    if SOURCE_DIR/proto holds .proto files, generated *_pb2.py stubs were installed.
+both:    if SOURCE_DIR/proto holds .proto files, their generated stubs were installed and import.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import importlib.util
 import sys
 from pathlib import Path
@@ -32,12 +31,19 @@ def main(argv: list[str]) -> int:
     else:
         raise SystemExit(f"check-install: unknown image kind {kind!r}")
     if source is not None and any((source / "proto").rglob("*.proto")):
-        files = importlib.metadata.files("edm-serve") or []
-        stubs = [str(f) for f in files if f.name.endswith("_pb2.py")]
-        if not stubs:
-            raise SystemExit("check-install: proto/ has .proto files but no generated *_pb2.py was installed "
-                             "(the `make proto` target or the package build must generate them)")
-        print("check-install: gRPC stubs:", ", ".join(sorted(stubs)))
+        # `make proto` writes proto/edm/v1/x.proto's stubs as service.grpc_gen.edm.v1.x_pb2(_grpc). Importing
+        # them (not listing the distribution's files, which an editable install does not record) also
+        # checks that the installed protobuf and grpcio runtimes accept the generated code.
+        stubs = []
+        for proto in sorted((source / "proto").rglob("*.proto")):
+            module = "service.grpc_gen." + ".".join(proto.relative_to(source / "proto").with_suffix("").parts)
+            for suffix in ("_pb2", "_pb2_grpc"):
+                try:
+                    stubs.append(importlib.import_module(module + suffix).__file__)
+                except ImportError as error:
+                    raise SystemExit(f"check-install: proto/ has .proto files but {module + suffix} was not "
+                                     f"installed or does not import ({error}); `make proto` generates it") from None
+        print("check-install: gRPC stubs:", ", ".join(str(s) for s in stubs))
     print(f"check-install: {kind} image OK")
     return 0
 
