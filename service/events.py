@@ -71,10 +71,10 @@ class JobEvent:
 
 def add_event(pipe: Any, job_id: str, type_: str, data: dict[str, Any], frames: Sequence[Frame] = (), *,
               ttl_s: int) -> None:
-    """Queue on `pipe` the XADD of one event (and the stream's expiry)."""
+    """Queue on `pipe` the XADD of one event and the stream's expiry. (Progress events, one per network
+    evaluation, take a faster path: WorkerQueue.publish_progress, with the same fields.)"""
     fields: dict[str, bytes | str] = {"type": type_, "data": json.dumps(data, separators=(",", ":"))}
-    for frame in frames:
-        fields[f"f:{frame.index}"] = frame.png
+    fields.update({f"f:{frame.index}": frame.png for frame in frames})
     key = events_key(job_id)
     pipe.xadd(key, fields, maxlen=STREAM_MAXLEN, approximate=True)  # type: ignore[arg-type]
     pipe.expire(key, ttl_s)

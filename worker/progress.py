@@ -19,8 +19,8 @@ from service.events import Frame
 from worker.batcher import Slice, batch_rows
 from worker.metrics import WorkerMetrics
 
-# (job id, event type, data, frames): what `publish` appends to the jobs' event streams.
-Published = tuple[str, str, dict[str, Any], list[Frame]]
+# (job id, data, frames): a progress event, as `publish` appends it to the job's event stream.
+Published = tuple[str, dict[str, Any], list[Frame]]
 
 
 class Aborted(Exception):
@@ -101,7 +101,7 @@ class BatchObserver:
                 pixels = to_pixels(ev.x0[where])
                 frames = [Frame(piece.start + ev.rows[p] - self.first_row[k], encode_png(pixels[i]))
                           for i, p in enumerate(where)]
-            events.append((piece.job.id, "progress", data, frames))
+            events.append((piece.job.id, data, frames))
         if events:
             self.publish(events)
 

@@ -196,7 +196,7 @@ class Worker:
                 self.metrics.queue_wait.labels(model).observe(max(0.0, time.time() - piece.job.created_at))
         observer = BatchObserver(batch, report=self.queue.report, cancelled=self.cancels.snapshot,
                                  aborted=lambda: self.stop_requests > 1, metrics=self.metrics,
-                                 publish=self.queue.publish_events, previews=self.queue.preview_every)
+                                 publish=self.queue.publish_progress, previews=self.queue.preview_every)
         size = sum(piece.size for piece in batch)
         self.state = State.busy
         self._set_busy(size)

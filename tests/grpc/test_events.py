@@ -9,7 +9,7 @@ import torch
 from model.generate import EvalEvent
 from model.images import decode_png, to_pixels
 from service.contract import ImageInfo, JobResult, JobSpec, JobStatus, SamplerParams
-from service.events import EventReader, events_key, set_preview_every
+from service.events import EventReader, Frame, events_key, set_preview_every
 from service.ledger import Ledger, Outcome
 from tests.worker.test_batcher import job
 from worker.batcher import plan_batch
@@ -31,11 +31,11 @@ def test_one_progress_event_per_job_and_previews_only_for_the_jobs_that_asked() 
         observer.on_eval(EvalEvent(step=0, num_steps=18, sigma=80.0 / nfe, nfe=nfe, nfe_total=35, x0=x0,
                                    rows=[0, 1, 2, 3]))
     first, second = published
-    assert [(job_id, kind) for job_id, kind, _, _ in first] == [("a", "progress"), ("b", "progress")]
-    assert first[1][2] == {"step": 1, "num_steps": 18, "sigma": 80.0, "nfe": 1, "nfe_total": 35, "images_done": 1}
-    assert [frames for _, _, _, frames in first] == [[], []]  # a: every 2nd evaluation; b: none
-    frames = second[0][3]
-    assert [f.index for f in frames] == [0, 1] and second[1][3] == []
+    assert [job_id for job_id, _, _ in first] == ["a", "b"]
+    assert first[1][1] == {"step": 1, "num_steps": 18, "sigma": 80.0, "nfe": 1, "nfe_total": 35, "images_done": 1}
+    assert [frames for _, _, frames in first] == [[], []]  # a: every 2nd evaluation; b: none
+    frames = second[0][2]
+    assert [f.index for f in frames] == [0, 1] and second[1][2] == []
     pixels = to_pixels(x0)
     for frame, row in zip(frames, (0, 1), strict=True):
         assert (decode_png(frame.png) == pixels[row]).all()
@@ -44,7 +44,7 @@ def test_one_progress_event_per_job_and_previews_only_for_the_jobs_that_asked() 
     observer.on_eval(EvalEvent(step=1, num_steps=18, sigma=20.0, nfe=3, nfe_total=35, x0=x0, rows=[0, 1, 2, 3]))
     assert [job_id for job_id, *_ in published[-1]] == ["b"]
     observer.on_eval(EvalEvent(step=17, num_steps=18, sigma=0.002, nfe=35, nfe_total=35, x0=x0[2:], rows=[2, 3]))
-    assert published[-1][0][2]["images_done"] == 1 and published[-1][0][3] == []
+    assert published[-1][0][1]["images_done"] == 1 and published[-1][0][2] == []
 
 
 def spec(images: int = 1) -> JobSpec:
@@ -69,12 +69,13 @@ def test_reader_positions_stored_events_resume_and_derived_ends(redis_conn: redi
     (claimed,) = worker.claim("m", 1)
     assert worker.preview_every([third]) == {third: 3}
     worker.mark_started(claimed)
-    worker.publish_events([(third, "progress", {"nfe": 1}, [])])
+    worker.publish_progress([(third, {"nfe": 1}, [Frame(1, b"x1"), Frame(0, b"x0")])])
     infos = [ImageInfo(index=k, seed=k, class_label=1, metadata={"k": str(k)}) for k in range(2)]
     worker.store_pngs([(third, k, b"png%d" % k) for k in range(2)], [(third, info) for info in infos])
     worker.finish([Outcome(third, JobStatus.succeeded, result=JobResult(images=infos, worker="w1", sampling_s=1.0))])
     events = EventReader(book, third).poll()
     assert [e.type for e in events] == ["started", "progress", "image", "image", "done"]
+    assert events[1].data == {"nfe": 1} and events[1].frames == (Frame(0, b"x0"), Frame(1, b"x1"))
     assert [e.frames[0].png for e in events if e.type == "image"] == [b"png0", b"png1"]
     assert events[-1].data == {"images": 2, "sampling_s": 1.0}
     resumed = EventReader(book, third, after=events[1].id).poll()
