@@ -117,7 +117,8 @@ def load_png_folder(folder: str | Path, labels_file: str | Path | None = None) -
         raise ValueError(f"{folder}: no .png files")
     with Image.open(files[0]) as first:
         mode = "L" if first.mode in ("L", "LA", "I", "I;16", "1") else "RGB"
-    arrays, digest = [], hashlib.sha256()
+    arrays: list[np.ndarray] = []
+    digest = hashlib.sha256()
     for file in files:
         with Image.open(file) as image:
             array = np.asarray(image.convert(mode))

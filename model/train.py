@@ -315,7 +315,7 @@ class Trainer:
         cfg = self.config
         index = self.batch_indices(self.step)
         images = self.images[index.to(self.device)]
-        labels = None if self.eye is None else self.eye[self.labels[index].to(self.device)]
+        labels = None if self.eye is None or self.labels is None else self.eye[self.labels[index].to(self.device)]
 
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.net, images, labels, self.augment_pipe).mean()

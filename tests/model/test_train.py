@@ -26,6 +26,7 @@ def test_digits_are_scaled_to_minus_one_one(digits: ImageDataset) -> None:
     assert digits.images.shape == (1797, 1, 8, 8)
     assert float(digits.images.min()) == -1.0 and float(digits.images.max()) == 1.0
     assert digits.class_names == [str(k) for k in range(10)]
+    assert digits.labels is not None
     assert torch.bincount(digits.labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
 
 
@@ -157,10 +158,12 @@ def test_png_folder_loader(tmp_path) -> None:
     data = load_png_folder(tmp_path, tmp_path / "labels.txt")
     assert data.images.shape == (5, 1, 4, 4)
     torch.testing.assert_close(data.images[:, 0], torch.from_numpy(pixels).float() / 127.5 - 1)
+    assert data.labels is not None
     assert data.class_names == ["cat", "dog"] and data.labels.tolist() == [1, 0, 1, 0, 1]
 
     (tmp_path / "dataset.json").write_text(json.dumps({"labels": [[f"img{k}.png", k % 3] for k in range(5)]}))
     data = load_png_folder(tmp_path, tmp_path / "dataset.json")
+    assert data.labels is not None
     assert data.class_names == ["0", "1", "2"] and data.labels.tolist() == [0, 1, 2, 0, 1]
     assert load_png_folder(tmp_path).labels is None
 
@@ -183,7 +186,7 @@ def test_train_cli_writes_a_loadable_card_and_resumes(tmp_path, capsys) -> None:
 
     loaded = load_model(out)
     card = loaded.card
-    assert card.preconditioner == "EDMPrecond" and card.label_dim == 10 and card.class_names[3] == "3"
+    assert card.preconditioner == "EDMPrecond" and card.label_dim == 10 and card.class_names == list("0123456789")
     assert card.provenance["steps"] == 5 and card.provenance["images_seen"] == 80
     first, second = card.provenance["command"].split(" && ")  # both sessions: re-running them reproduces it
     assert first.startswith("edm-serve train --data digits") and second.endswith("--steps 5 --resume")
