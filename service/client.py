@@ -185,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         except grpc.RpcError as error:
             print(f"edm-serve generate: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:  # the call is cancelled as the channel closes, and with it the job
+            print("edm-serve generate: cancelled", file=sys.stderr)
+            return 130
 
 
 def _stream(stub: Any, service_pb2: Any, spec: Any, args: argparse.Namespace, metadata: list[tuple[str, str]],

@@ -56,8 +56,8 @@ class Servicer(service_grpc.GenerationServiceServicer):
         owner = self._owner(context)
         job_id = self._submit(request.spec, owner, context)
         ended = self._cancel_when_abandoned(job_id, context)
-        status = self._wait(job_id, context)
-        if status is None:  # the caller is gone; its job is being cancelled
+        self._wait(job_id, context)
+        if not context.is_active():  # the caller is gone (cancelled, deadline): so is its job
             return service_pb2.GenerateResponse()
         ended.set()
         record = visible_record(self.ledger, job_id, owner)
@@ -136,7 +136,7 @@ class Servicer(service_grpc.GenerationServiceServicer):
         return job_id
 
     def _wait(self, job_id: str, context: grpc.ServicerContext) -> JobStatus | None:
-        """The job's terminal status, or None once the call is over (cancelled, deadline passed)."""
+        """Until the job has ended (its status), is gone (None), or the call is over."""
         while context.is_active():
             if self.stopping.is_set():  # the job goes on: its caller can fetch it with GetJob
                 raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"the gateway is shutting down; job {job_id} goes on "

@@ -11,6 +11,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from service.grpc.stubs import SERVICE_NAME, job_pb2, service_pb2
 from service.metrics import GRPC_METHODS, GatewayMetrics
 from tests.integration.servers import ROOT
@@ -78,9 +80,10 @@ def test_the_metric_knows_every_method() -> None:
     assert samples == {(m, "OK") for m in GRPC_METHODS}
 
 
-def test_the_client_imports_neither_torch_nor_fastapi() -> None:
-    probe = "import sys, service.client, service.grpc.stubs; " \
-            "print(sorted(m for m in ('torch', 'fastapi') if m in sys.modules))"
+@pytest.mark.parametrize(("modules", "unwanted"), [("service.client", "torch, fastapi"),
+                                                   ("service.grpc.server, service.routes.events", "torch")])
+def test_no_torch_in_the_client_or_the_gateway_grpc_server(modules: str, unwanted: str) -> None:
+    probe = f"import sys, {modules}; print(sorted(m for m in ({unwanted!r}).split(', ') if m in sys.modules))"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
