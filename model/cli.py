@@ -118,6 +118,10 @@ def sample_main(argv: list[str]) -> int:
     parser.add_argument("--class", dest="class_idx", type=_at_least(0), default=None, metavar="INT",
                         help="class label [default: random]")
     parser.add_argument("--batch", dest="max_batch_size", type=_at_least(1), default=64, help="maximum batch size")
+    parser.add_argument("--chunk", type=_at_least(1), default=None, metavar="INT",
+                        help="run the network in forward passes of exactly INT rows (padded), with TF32 off on CUDA: "
+                             "images then do not depend on --batch on CUDA; the service does this with 16 "
+                             "[default: whole batch, as the reference]")
     add_sampler_options(parser)
     add_device_options(parser)
     args = parser.parse_args(argv)
@@ -136,6 +140,10 @@ def sample_main(argv: list[str]) -> int:
         print(f"edm-serve sample: {error}", file=sys.stderr)
         return 2
     net = loaded.net
+    if args.chunk is not None:
+        from model.generate import use_batch_invariant_kernels
+
+        use_batch_invariant_kernels(device)
     if args.class_idx is not None and not net.label_dim:
         print("edm-serve sample: --class given but the model is unconditional", file=sys.stderr)
         return 2
@@ -150,7 +158,7 @@ def sample_main(argv: list[str]) -> int:
     for batch_seeds in tqdm.tqdm(batches, unit="batch", file=sys.stderr):
         if not batch_seeds:
             continue
-        images = generate(net, batch_seeds, [args.class_idx] * len(batch_seeds), settings)
+        images = generate(net, batch_seeds, [args.class_idx] * len(batch_seeds), settings, chunk=args.chunk)
         for image in images:
             assert image is not None
             seed = image.seed

@@ -85,6 +85,8 @@ class WorkerSettings(CommonSettings):
     device: str = Field(default="cpu", description="cpu, cuda or cuda:N")
     dtype: str = Field(default="auto", pattern="^(auto|fp32|fp16|bf16)$", description="auto = the checkpoint's choice")
     max_batch: int = Field(default=64, gt=0, description="images per forward pass")
+    cuda_chunk: int = Field(default=16, gt=0, description="on CUDA, every forward pass has exactly this many "
+                            "rows (padded) so that an image does not depend on its batch; recorded in the PNG")
     max_wait_s: float = Field(default=0.05, ge=0, description="longest wait for more jobs to fill a batch")
     batch_gap_s: float = Field(default=0.002, ge=0, description="stop filling a batch when no job came for this long")
     metrics_port: int = Field(default=9101, ge=0, description="Prometheus port of this worker; 0 = off")

@@ -20,7 +20,7 @@ import torch
 
 from model.card import ModelCard
 from model.checkpoint import load_model
-from model.generate import GeneratedImage, OnEval, SamplerSettings, generate
+from model.generate import GeneratedImage, OnEval, SamplerSettings, generate, use_batch_invariant_kernels
 from model.images import encode_png
 from service.contract import JobSpec
 from service.version import software_version
@@ -39,6 +39,8 @@ class ServedModel:
     card: ModelCard
     dtype: str       # the precision the network runs in on this worker
     load_s: float
+    device_type: str = "cpu"
+    chunk: int | None = None  # fixed forward-pass size (CUDA batch invariance), None = whole batch
 
 
 def png_text(model: ServedModel, settings: SamplerSettings, seed: int, class_label: int | None,
@@ -52,7 +54,8 @@ def png_text(model: ServedModel, settings: SamplerSettings, seed: int, class_lab
 
     meta = {"Software": f"edm-serve {version}", "edm:model": model.name,
             "edm:weights_sha256": model.card.weights_sha256, "edm:seed": str(seed),
-            "edm:class_label": text(class_label), "edm:dtype": model.dtype}
+            "edm:class_label": text(class_label), "edm:dtype": model.dtype,
+            "edm:device_type": model.device_type, "edm:chunk": text(model.chunk)}
     if class_label is not None and model.card.class_names:
         meta["edm:class_name"] = model.card.class_names[class_label]
     meta.update({f"edm:{name}": text(value) for name, value in settings.as_dict().items()})
@@ -60,8 +63,12 @@ def png_text(model: ServedModel, settings: SamplerSettings, seed: int, class_lab
 
 
 class Engine:
-    def __init__(self, device: str = "cpu", dtype: str = "auto"):
+    def __init__(self, device: str = "cpu", dtype: str = "auto", cuda_chunk: int | None = 16):
         self.device = torch.device(device)
+        # CUDA kernels depend on the batch size, so on CUDA every forward pass has the same size
+        # (model.generate explains); the CPU is batch-invariant without it.
+        self.chunk = cuda_chunk if self.device.type == "cuda" else None
+        use_batch_invariant_kernels(self.device)
         if dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
         self.dtype = dtype
@@ -75,7 +82,8 @@ class Engine:
         if self.dtype != "auto":
             net.compute_dtype = DTYPES[self.dtype]
         dtype = DTYPE_NAMES.get(net.execution_dtype(self.device), str(net.execution_dtype(self.device)))
-        served = ServedModel(name, net, loaded.card, dtype, time.perf_counter() - started)
+        served = ServedModel(name, net, loaded.card, dtype, time.perf_counter() - started,
+                             self.device.type, self.chunk)
         self.models[name] = served
         log.info("loaded model %s", name, extra={"model": name, "path": str(path), "device": str(self.device),
                                                  "dtype": dtype, "load_s": round(served.load_s, 3)})
@@ -102,7 +110,7 @@ class Engine:
         labels = [label for piece in batch for label in piece.job.spec.class_labels[piece.start:piece.stop]]
         settings = SamplerSettings(**spec.sampler.settings_kwargs())
         net: Any = self.models[spec.model].net  # a model.precond.Precond
-        return generate(net, seeds, labels, settings, on_eval=on_eval)
+        return generate(net, seeds, labels, settings, on_eval=on_eval, chunk=self.chunk)
 
     def encode(self, spec: JobSpec, image: GeneratedImage) -> tuple[bytes, dict[str, str]]:
         model = self.models[spec.model]

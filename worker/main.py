@@ -69,7 +69,7 @@ def run(settings) -> int:  # noqa: ANN001 - WorkerSettings, imported lazily abov
         raise ValueError("no models to serve: configure EDM_MODELS / EDM_MODELS_FILE or the bundled model")
 
     metrics = WorkerMetrics()
-    engine = Engine(settings.device, settings.dtype)
+    engine = Engine(settings.device, settings.dtype, settings.cuda_chunk)
     for name in serve:
         served = engine.load(name, models[name])
         metrics.load_seconds.labels(name).set(served.load_s)

@@ -105,3 +105,19 @@ def test_png_round_trip_and_grayscale(net):
     data = encode_png(image.pixels, {"seed": "0"})
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert np.array_equal(decode_png(data), image.pixels) and image.pixels.shape == (8, 8, 1)
+
+
+def test_fixed_chunks_keep_images_independent_of_the_batch(net):
+    # The network always sees `chunk` rows (the last pass padded): the CUDA path of the service.
+    seeds = list(range(7))
+    full = pngs(generate(net, seeds, None, STOCHASTIC, chunk=4))
+    for part_seeds in ([3], [6, 0, 2], [5, 4, 1, 3, 0]):
+        part = pngs(generate(net, part_seeds, None, STOCHASTIC, chunk=4))
+        assert all(part[s] == full[s] for s in part_seeds)
+    # On the CPU the kernels are batch-invariant, so chunking changes nothing here.
+    assert full == pngs(generate(net, seeds, None, STOCHASTIC))
+
+
+def test_chunk_must_be_positive(net):
+    with pytest.raises(ValueError, match="chunk"):
+        generate(net, [0], None, SamplerSettings(num_steps=3), chunk=0)
