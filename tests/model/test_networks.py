@@ -1,6 +1,6 @@
 """model/networks.py: checkpoint compatibility with the official EDM networks, and small forwards.
 
-Compatibility is checked against /work/shared/reference (facts read off the NVlabs code: per
+Compatibility is checked against tests/model/reference, a copy of shared/reference (facts read off the NVlabs code: per
 checkpoint the constructor arguments, the parameter count and the state_dict listing). Those
 listings belong to the preconditioner, whose network lives under ``model.``; entries outside it
 (iDDPM's ``u`` table) are the preconditioner's and are skipped here.
