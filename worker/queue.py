@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import redis
@@ -270,8 +270,16 @@ class WorkerQueue:
     def publish_card(self, name: str, card_json: str) -> None:
         self.conn.hset(Keys.CARDS, name, card_json)
 
+    def give_back_all(self, exclude: Collection[str] = ()) -> list[str]:
+        """Give every id in our claimed list but `exclude` back to the front of its queue, in claim
+        order, without counting a rerun: also ids this process never learnt it held (a claim whose
+        reply was lost and whose retry claimed again, a load that raised after the move). Returns them."""
+        return [job_id for job_id, _ in self._requeue_list(self.claimed_key, count_rerun=False, exclude=exclude)]
+
     def retire(self) -> None:
-        """Leave the fleet after a clean shutdown (nothing may be held any more)."""
+        """Leave the fleet after a clean shutdown. Whatever the claimed list still holds goes back
+        to its queue first, so that no claimed job is ever deleted with the list."""
+        self.give_back_all()
         with self.conn.pipeline() as pipe:
             pipe.delete(Keys.heartbeat(self.id))
             pipe.srem(Keys.WORKERS, self.id)
@@ -297,21 +305,32 @@ class WorkerQueue:
 
     def _reap_worker(self, worker: str) -> list[tuple[str, str]]:
         claimed_key = Keys.claimed(worker)
+        reason = f"its worker died {self.max_reruns + 1} times while running it (EDM_MAX_RERUNS)"
+        outcomes = self._requeue_list(claimed_key, count_rerun=True, failure=reason)
+        for job_id, _ in outcomes:
+            log.warning("reaped job of dead worker %s", worker, extra={"job_id": job_id, "dead_worker": worker})
+        if not self.conn.llen(claimed_key):
+            self.conn.srem(Keys.WORKERS, worker)
+        return outcomes
+
+    def _requeue_list(self, claimed_key: str, *, count_rerun: bool, exclude: Collection[str] = (),
+                      failure: str = "") -> list[tuple[str, str]]:
+        """Requeue the ids of a claimed list (but `exclude`), last first so that they keep their order
+        at the front of their queues. Returns (job id, 'requeued' or 'failed') pairs: with count_rerun,
+        a job past EDM_MAX_RERUNS fails with `failure` as its reason. Ids whose job is gone are dropped."""
         outcomes = []
         for raw in reversed(self.conn.lrange(claimed_key, 0, -1)):
             job_id = text(raw)
+            if job_id in exclude:
+                continue
             model = self.conn.hget(Keys.job(job_id), "model")
             if model is None:
                 self.conn.lrem(claimed_key, 1, job_id)
                 continue
-            code = self._requeue_one(claimed_key, job_id, text(model), count_rerun=True)
+            code = self._requeue_one(claimed_key, job_id, text(model), count_rerun=count_rerun)
             if code == 1:
                 outcomes.append((job_id, "requeued"))
             elif code == -1:
-                reason = f"its worker died {self.max_reruns + 1} times while running it (EDM_MAX_RERUNS)"
-                self.finish([Outcome(job_id, JobStatus.failed, error=reason)], claimed_key=claimed_key)
+                self.finish([Outcome(job_id, JobStatus.failed, error=failure)], claimed_key=claimed_key)
                 outcomes.append((job_id, "failed"))
-            log.warning("reaped job of dead worker %s", worker, extra={"job_id": job_id, "dead_worker": worker})
-        if not self.conn.llen(claimed_key):
-            self.conn.srem(Keys.WORKERS, worker)
         return outcomes

@@ -130,9 +130,8 @@ class Worker:
     def _give_back(self) -> None:
         for attempt in range(10):
             try:
-                self.queue.unclaim(self.held)
+                self.queue.retire()  # requeues every id still claimed, in claim order, known here or not
                 self.held = []
-                self.queue.retire()
                 return
             except redis.RedisError as error:
                 log.warning("cannot give back claimed jobs yet (%s); retrying", error)
@@ -142,6 +141,7 @@ class Worker:
 
     def step(self) -> None:
         if not self.held:
+            self._reconcile()
             self.held = self._wait_for_work()
             if not self.held:
                 return
@@ -154,6 +154,12 @@ class Worker:
         batch_jobs = {piece.job.id for piece in plan.batch}
         self.held = [job for job in self.held if job.id in batch_jobs or job.started]
         self.run_batch(plan.batch)
+
+    def _reconcile(self) -> None:
+        """While nothing is held, our claimed list should be empty: ids in it that this process never
+        learnt of (a claim retried after its reply was lost, a load that raised) go back to their queues."""
+        for job_id in self.queue.give_back_all():
+            log.warning("gave back a claimed job this worker did not know it held", extra={"job_id": job_id})
 
     def _wait_for_work(self) -> list[Claimed]:
         """Block (a slice at a time, in turn over the served models) until a job arrives."""

@@ -1,0 +1,90 @@
+"""The worker's main loop against a real Redis and the tiny model: what happens when Redis or a job
+misbehaves (lost replies, failed writes, unreadable specs, unexpected errors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+
+from service.contract import JobSpec, JobStatus, SamplerParams
+from service.ledger import Keys, Ledger
+from worker.engine import Engine
+from worker.metrics import WorkerMetrics
+from worker.queue import WorkerQueue
+from worker.runner import Worker
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: Path) -> Engine:
+    served = Engine("cpu", "auto")
+    served.load(MODEL, tiny_model)
+    return served
+
+
+def spec(*seeds: int, steps: int = 3) -> JobSpec:
+    return JobSpec(model=MODEL, seeds=list(seeds), class_labels=[None] * len(seeds),
+                   sampler=SamplerParams(num_steps=steps))
+
+
+def book(conn: redis.Redis) -> Ledger:
+    return Ledger(conn, result_ttl_s=60, failure_ttl_s=60)
+
+
+def make_worker(conn: redis.Redis, engine: Engine, name: str = "w1") -> Worker:
+    queue = WorkerQueue(conn, name, result_ttl_s=60, failure_ttl_s=60, heartbeat_ttl_s=5, max_reruns=2)
+    return Worker(queue=queue, engine=engine, metrics=WorkerMetrics(), max_batch=8, max_wait_s=0.01,
+                  heartbeat_interval_s=0.2, block_s=0.2)
+
+
+def claim_behind_its_back(worker: Worker, n: int = 1) -> list[str]:
+    """Run the claim script without telling the worker: what a retried claim (its first reply lost
+    to a timeout) or a claim whose load raised leaves in edm:claimed:{worker}."""
+    queue = worker.queue
+    ids = queue._claim(keys=[Keys.queue(MODEL), queue.claimed_key, Keys.QUEUED_NFE], args=[n])
+    return [i.decode() for i in ids]
+
+
+def queued(conn: redis.Redis) -> list[str]:
+    return [i.decode() for i in conn.lrange(Keys.queue(MODEL), 0, -1)]
+
+
+# defect: claimed ids the worker does not know of vanished on a clean shutdown
+
+def test_give_back_requeues_claimed_ids_the_worker_never_learnt_of(redis_conn: redis.Redis,
+                                                                   engine: Engine) -> None:
+    ledger = book(redis_conn)
+    ids = [ledger.submit(spec(i), "o")[0] for i in range(4)]
+    worker = make_worker(redis_conn, engine)
+    worker.held = worker.queue.claim(MODEL, 1)
+    assert claim_behind_its_back(worker) == [ids[1]]
+    worker._give_back()
+    assert queued(redis_conn) == ids
+    assert ledger.queued_nfe() == 4 * spec(0).nfe_total
+    assert redis_conn.exists(worker.queue.claimed_key) == 0
+    assert all(ledger.status(i) is JobStatus.queued for i in ids)
+
+
+def test_retire_requeues_what_the_claimed_list_still_holds(redis_conn: redis.Redis) -> None:
+    ledger = book(redis_conn)
+    ids = [ledger.submit(spec(i), "o")[0] for i in range(3)]
+    queue = WorkerQueue(redis_conn, "w1", result_ttl_s=60, failure_ttl_s=60, heartbeat_ttl_s=5, max_reruns=2)
+    queue.claim(MODEL, 2)
+    queue.retire()
+    assert queued(redis_conn) == ids and queue.held() == []
+    assert ledger.queued_nfe() == 3 * spec(0).nfe_total
+
+
+def test_idle_worker_requeues_and_then_runs_claimed_ids_it_never_learnt_of(redis_conn: redis.Redis,
+                                                                          engine: Engine) -> None:
+    ledger = book(redis_conn)
+    lost, other = ledger.submit(spec(1), "o")[0], ledger.submit(spec(2), "o")[0]
+    worker = make_worker(redis_conn, engine)
+    assert claim_behind_its_back(worker) == [lost]
+    for _ in range(4):
+        worker.step()
+    assert ledger.status(lost) is JobStatus.succeeded and ledger.status(other) is JobStatus.succeeded
+    assert worker.queue.held() == [] and worker.held == []
