@@ -89,6 +89,7 @@ class Worker:
         self.models = list(engine.models)
         self.state = State.starting
         self.held: list[Claimed] = []   # claimed and partly done (a job bigger than one batch)
+        self.pending: list[tuple[Claimed, Outcome]] = []  # ended here, terminal state not yet written
         self.stop_requests = 0
         self.nfe_per_s = 0.0
         self._stop = threading.Event()
@@ -130,6 +131,7 @@ class Worker:
     def _give_back(self) -> None:
         for attempt in range(10):
             try:
+                self._write_pending()
                 self.queue.retire()  # requeues every id still claimed, in claim order, known here or not
                 self.held = []
                 return
@@ -140,6 +142,7 @@ class Worker:
     # one iteration
 
     def step(self) -> None:
+        self._write_pending()  # before anything else: those jobs are done, only Redis does not know yet
         if not self.held:
             self._reconcile()
             self.held = self._wait_for_work()
@@ -158,7 +161,7 @@ class Worker:
     def _reconcile(self) -> None:
         """While nothing is held, our claimed list should be empty: ids in it that this process never
         learnt of (a claim retried after its reply was lost, a load that raised) go back to their queues."""
-        for job_id in self.queue.give_back_all():
+        for job_id in self.queue.give_back_all(exclude={job.id for job, _ in self.pending}):
             log.warning("gave back a claimed job this worker did not know it held", extra={"job_id": job_id})
 
     def _wait_for_work(self) -> list[Claimed]:
@@ -281,11 +284,20 @@ class Worker:
         self._end(ended)
 
     def _end(self, ended: list[tuple[Claimed, Outcome]]) -> None:
+        """The jobs leave `held` at once; their terminal states are written now, or, if Redis fails,
+        kept in `pending` and written first thing in the next step."""
         if not ended:
             return
-        written = self.queue.finish([outcome for _, outcome in ended])
         gone = {job.id for job, _ in ended}
         self.held = [j for j in self.held if j.id not in gone]
+        self.pending += ended
+        self._write_pending()
+
+    def _write_pending(self) -> None:
+        if not self.pending:
+            return
+        written = self.queue.finish([outcome for _, outcome in self.pending])
+        ended, self.pending = self.pending, []
         for job, outcome in ended:
             self.cancels.discard(job.id)
             if job.id not in written:

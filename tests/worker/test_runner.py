@@ -3,7 +3,9 @@ misbehaves (lost replies, failed writes, unreadable specs, unexpected errors).""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -52,6 +54,19 @@ def queued(conn: redis.Redis) -> list[str]:
     return [i.decode() for i in conn.lrange(Keys.queue(MODEL), 0, -1)]
 
 
+def failing_once(real: Callable[..., Any], error: Exception) -> Callable[..., Any]:
+    """`real`, except that its first call raises `error` (a Redis blip at that exact point)."""
+    calls = [0]
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise error
+        return real(*args, **kwargs)
+
+    return call
+
+
 # defect: claimed ids the worker does not know of vanished on a clean shutdown
 
 def test_give_back_requeues_claimed_ids_the_worker_never_learnt_of(redis_conn: redis.Redis,
@@ -88,3 +103,23 @@ def test_idle_worker_requeues_and_then_runs_claimed_ids_it_never_learnt_of(redis
         worker.step()
     assert ledger.status(lost) is JobStatus.succeeded and ledger.status(other) is JobStatus.succeeded
     assert worker.queue.held() == [] and worker.held == []
+
+
+# defect: a Redis error while writing terminal states left the job "running" and stalled the worker
+
+def test_terminal_write_that_failed_is_retried_and_other_work_still_runs(redis_conn: redis.Redis, engine: Engine,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger = book(redis_conn)
+    first = ledger.submit(spec(1), "o")[0]
+    worker = make_worker(redis_conn, engine)
+    monkeypatch.setattr(worker.queue, "finish", failing_once(worker.queue.finish, redis.TimeoutError("blip")))
+    with pytest.raises(redis.TimeoutError):
+        worker.step()  # sampled, stored the PNGs, then could not write the terminal state
+    assert ledger.status(first) is JobStatus.running
+    other = ledger.submit(spec(2, steps=4), "o")[0]  # other settings: never shares a batch with the first
+    for _ in range(4):
+        worker.step()
+    assert ledger.status(first) is JobStatus.succeeded and ledger.status(other) is JobStatus.succeeded
+    assert worker.held == [] and worker.queue.held() == []
+    record = ledger.record(first)
+    assert record is not None and record.result is not None and len(record.result.images) == 1
