@@ -153,12 +153,21 @@ class WorkerQueue:
             for job_id in ids:
                 pipe.hget(Keys.job(job_id), "created")
             created = pipe.execute()
-        out = []
+        out, unreadable = [], []
         for job_id, job, created_at in zip(ids, jobs, created, strict=True):
             if job is None or created_at is None:  # expired or deleted under us: drop the id
                 self.conn.lrem(self.claimed_key, 1, job_id)
                 continue
-            out.append(Claimed(job_id, JobSpec.model_validate(job.kwargs["spec"]), float(created_at)))
+            try:
+                spec = JobSpec.model_validate(job.kwargs["spec"])
+            except Exception as error:  # e.g. a field from a newer gateway during a rolling upgrade
+                reason = "this worker cannot read the job: " + " ".join(str(error).split())
+                log.warning("claimed a job it cannot read", extra={"job_id": job_id, "reason": reason})
+                unreadable.append(Outcome(job_id, JobStatus.failed, error=reason[:1000]))
+                continue
+            out.append(Claimed(job_id, spec, float(created_at)))
+        if unreadable:
+            self.finish(unreadable)
         return out
 
     def unclaim(self, jobs: list[Claimed]) -> None:
@@ -270,11 +279,13 @@ class WorkerQueue:
     def publish_card(self, name: str, card_json: str) -> None:
         self.conn.hset(Keys.CARDS, name, card_json)
 
-    def give_back_all(self, exclude: Collection[str] = ()) -> list[str]:
+    def give_back_all(self, exclude: Collection[str] = (), *, count_rerun: bool = False,
+                      failure: str = "") -> list[tuple[str, str]]:
         """Give every id in our claimed list but `exclude` back to the front of its queue, in claim
-        order, without counting a rerun: also ids this process never learnt it held (a claim whose
-        reply was lost and whose retry claimed again, a load that raised after the move). Returns them."""
-        return [job_id for job_id, _ in self._requeue_list(self.claimed_key, count_rerun=False, exclude=exclude)]
+        order: also ids this process never learnt it held (a claim whose reply was lost and whose retry
+        claimed again, a load that raised after the move). With count_rerun, a job past EDM_MAX_RERUNS
+        fails with `failure` as its reason. Returns (job id, 'requeued' or 'failed') pairs."""
+        return self._requeue_list(self.claimed_key, count_rerun=count_rerun, exclude=exclude, failure=failure)
 
     def retire(self) -> None:
         """Leave the fleet after a clean shutdown. Whatever the claimed list still holds goes back

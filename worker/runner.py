@@ -120,6 +120,10 @@ class Worker:
             except redis.RedisError as error:
                 log.warning("redis unavailable: %s", error)
                 time.sleep(1.0)
+            except Exception as error:  # a bug or a job we did not foresee: keep serving
+                log.exception("unexpected error in the main loop; giving the claimed jobs back")
+                self._recover(error)
+                time.sleep(1.0)
         self.state = State.draining
         self._stop.set()
         heartbeat.join(timeout=5.0)
@@ -158,10 +162,28 @@ class Worker:
         self.held = [job for job in self.held if job.id in batch_jobs or job.started]
         self.run_batch(plan.batch)
 
+    def _recover(self, error: Exception) -> None:
+        """After an unexpected error: every claimed job but those ended here goes back to its queue with
+        a rerun counted, so that a job that keeps causing the error fails past EDM_MAX_RERUNS instead of
+        looping. If Redis fails meanwhile, the next idle step gives back what is left (_reconcile)."""
+        self.held = []
+        self.state = State.idle
+        reason = (f"the worker hit an error {self.queue.max_reruns + 1} times while holding it (EDM_MAX_RERUNS): "
+                  f"{type(error).__name__}: {error}")
+        try:
+            given = self.queue.give_back_all(exclude={job.id for job, _ in self.pending}, count_rerun=True,
+                                             failure=reason)
+        except redis.RedisError as redis_error:
+            log.warning("cannot give the claimed jobs back yet: %s", redis_error)
+            return
+        for job_id, outcome in given:
+            self.cancels.discard(job_id)
+            log.warning("job %s after an unexpected error", outcome, extra={"job_id": job_id})
+
     def _reconcile(self) -> None:
         """While nothing is held, our claimed list should be empty: ids in it that this process never
         learnt of (a claim retried after its reply was lost, a load that raised) go back to their queues."""
-        for job_id in self.queue.give_back_all(exclude={job.id for job, _ in self.pending}):
+        for job_id, _ in self.queue.give_back_all(exclude={job.id for job, _ in self.pending}):
             log.warning("gave back a claimed job this worker did not know it held", extra={"job_id": job_id})
 
     def _wait_for_work(self) -> list[Claimed]:

@@ -3,15 +3,19 @@ misbehaves (lost replies, failed writes, unreadable specs, unexpected errors).""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+from rq import Queue
+from rq.serializers import JSONSerializer
 
 from service.contract import JobSpec, JobStatus, SamplerParams
-from service.ledger import Keys, Ledger
+from service.ledger import JOB_FUNC, Keys, Ledger
 from worker.engine import Engine
 from worker.metrics import WorkerMetrics
 from worker.queue import WorkerQueue
@@ -123,3 +127,73 @@ def test_terminal_write_that_failed_is_retried_and_other_work_still_runs(redis_c
     assert worker.held == [] and worker.queue.held() == []
     record = ledger.record(first)
     assert record is not None and record.result is not None and len(record.result.images) == 1
+
+
+# defect: a spec this worker cannot read (a newer gateway's field) crashed every worker that claimed it
+
+def test_job_whose_spec_does_not_validate_fails_with_a_reason_and_the_rest_runs(redis_conn: redis.Redis,
+                                                                                 engine: Engine) -> None:
+    ledger = book(redis_conn)
+    good = ledger.submit(spec(1), "o")[0]
+    newer = spec(2).model_dump(mode="json")
+    newer["sampler"]["alpha"] = 1.0  # written by a newer gateway during a rolling upgrade
+    Queue(MODEL, connection=redis_conn, serializer=JSONSerializer).enqueue_call(
+        JOB_FUNC, kwargs={"spec": newer}, job_id="newer", result_ttl=60, failure_ttl=60, timeout=-1)
+    redis_conn.hset(Keys.job("newer"), mapping={"owner": "o", "model": MODEL, "images": 1, "nfe": 5, "qnfe": 5,
+                                                "reruns": 0, "cancel": 0, "created": time.time()})
+    redis_conn.incrby(Keys.QUEUED_NFE, 5)
+    worker = make_worker(redis_conn, engine)
+    for _ in range(3):
+        worker.step()
+    assert ledger.status("newer") is JobStatus.failed
+    assert "alpha" in (redis_conn.hget(Keys.job("newer"), "error") or b"").decode()
+    assert ledger.status(good) is JobStatus.succeeded
+    assert worker.queue.held() == [] and ledger.queued_nfe() == 0
+
+
+def test_unexpected_error_gives_the_jobs_back_and_the_worker_goes_on(redis_conn: redis.Redis, engine: Engine,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger = book(redis_conn)
+    job_id = ledger.submit(spec(1), "o")[0]
+    worker = make_worker(redis_conn, engine)
+    monkeypatch.setattr(engine, "encode", failing_once(engine.encode, RuntimeError("a bug")))
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            worker.run()
+        except BaseException as error:
+            raised.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while ledger.status(job_id) is not JobStatus.succeeded and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker.request_stop()
+    thread.join(15)
+    worker._stop.set()
+    worker.cancels.join(5)  # it reads from redis_conn, which the fixture closes
+    assert not thread.is_alive() and raised == []
+    record = ledger.record(job_id)
+    assert record is not None and record.status is JobStatus.succeeded and record.reruns == 1
+    assert redis_conn.exists(worker.queue.claimed_key) == 0
+
+
+def test_a_job_that_keeps_breaking_the_worker_fails_past_the_rerun_limit(redis_conn: redis.Redis, engine: Engine,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger = book(redis_conn)
+    job_id = ledger.submit(spec(1), "o")[0]
+    worker = make_worker(redis_conn, engine)
+
+    def broken(*_: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(engine, "encode", broken)
+    for _ in range(worker.queue.max_reruns + 1):
+        with pytest.raises(RuntimeError):
+            worker.step()
+        worker._recover(RuntimeError("a bug"))
+    record = ledger.record(job_id)
+    assert record is not None and record.status is JobStatus.failed and "a bug" in (record.error or "")
+    assert worker.held == [] and worker.queue.held() == []
