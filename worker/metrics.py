@@ -16,6 +16,8 @@ class WorkerMetrics:
         self.images = Counter("edm_images", "Images generated", ["model"], registry=r)
         self.nfe = Counter("edm_nfe", "Network evaluations (one per image per forward pass)", ["model"],
                            registry=r)
+        self.skipped_writes = Counter("edm_skipped_writes", "Progress, preview and event writes skipped during "
+                                      "sampling because Redis failed", ["write"], registry=r)
         self.reaped = Counter("edm_jobs_reaped", "Jobs taken back from dead workers, by outcome",
                               ["outcome"], registry=r)
         self.queue_wait = Histogram("edm_queue_wait_seconds", "Time from submission to first sampling step",

@@ -5,13 +5,20 @@ back to their jobs, drops the rows of cancelled jobs (they free their batch slot
 evaluation), reports progress to Redis at most every `report_interval_s`, and publishes one
 progress event per job and evaluation to the job's event stream (service/events.py), with the
 PNG of each of the job's rows' x0 estimate when the job asked for previews.
+
+Those writes are best-effort: a Redis error skips them (logged, counted in edm_skipped_writes)
+rather than failing the batch. Cancellation still works meanwhile: the cancel channel's ids come
+from the listener thread, and the Redis flags are read again with the next report that succeeds.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
+
+import redis
 
 from model.generate import EvalEvent
 from model.images import encode_png, to_pixels
@@ -19,8 +26,11 @@ from service.events import Frame
 from worker.batcher import Slice, batch_rows
 from worker.metrics import WorkerMetrics
 
+log = logging.getLogger("worker.progress")
+
 # (job id, data, frames): a progress event, as `publish` appends it to the job's event stream.
 Published = tuple[str, dict[str, Any], list[Frame]]
+T = TypeVar("T")
 
 
 class Aborted(Exception):
@@ -58,15 +68,28 @@ class BatchObserver:
         self._last_eval = now
         flagged = set(self.cancelled())
         if now - self._last_report >= self.report_interval_s or ev.nfe == ev.nfe_total:
-            flagged |= self.report(self.progress(ev))
-            if self.previews is not None:  # re-read: the gateway may set it just after the job was queued
-                self.preview_every = self.previews([piece.job.id for piece in self.batch])
             self._last_report = now
+            reported = self._best_effort("progress", self.report, self.progress(ev))
+            if reported is not None:
+                flagged |= reported
+                if self.previews is not None:  # re-read: the gateway may set it just after the job was queued
+                    every = self._best_effort("previews", self.previews, [piece.job.id for piece in self.batch])
+                    if every is not None:
+                        self.preview_every = every
         ids = {self.batch[self.row_slice[row]].job.id for row in ev.rows}
         newly = (flagged & ids) - self.dropped
         self.dropped |= newly
         self.publish_frames(ev)
         return [row for row in ev.rows if self.batch[self.row_slice[row]].job.id in newly]
+
+    def _best_effort(self, write: str, call: Callable[[Any], T], arg: Any) -> T | None:
+        """call(arg), or None when Redis fails (logged and counted; the batch goes on)."""
+        try:
+            return call(arg)
+        except redis.RedisError as error:
+            self.metrics.skipped_writes.labels(write).inc()
+            log.warning("skipped a %s write: Redis failed (%s)", write, error)
+            return None
 
     def progress(self, ev: EvalEvent) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
@@ -103,5 +126,5 @@ class BatchObserver:
                           for i, p in enumerate(where)]
             events.append((piece.job.id, data, frames))
         if events:
-            self.publish(events)
+            self._best_effort("events", self.publish, events)
 

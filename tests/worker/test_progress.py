@@ -1,7 +1,10 @@
-"""BatchObserver: rows back to jobs, cancellation drops rows, throttled progress (no Redis)."""
+"""BatchObserver: rows back to jobs, cancellation drops rows, throttled progress, Redis errors skipped (no Redis)."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import redis
 import torch
 
 from model.generate import EvalEvent
@@ -52,3 +55,20 @@ def test_flag_from_redis_report_also_cancels_and_abort_raises() -> None:
         pass
     else:
         raise AssertionError("expected Aborted")
+
+
+def test_redis_errors_in_progress_previews_and_events_are_skipped_and_cancellation_still_works() -> None:
+    batch = plan_batch([job("a", 1), job("b", 1)], 8).batch
+    metrics = WorkerMetrics()
+
+    def down(*_: object) -> Any:
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    observer = BatchObserver(batch, report=down, cancelled=lambda: {"b"}, aborted=lambda: False,
+                             metrics=metrics, report_interval_s=0.0, publish=down, previews=down)
+    assert list(observer.on_eval(event(1, [0, 1]))) == [1]  # b was heard of on the cancel channel
+    assert list(observer.on_eval(event(2, [0]))) == []
+    assert observer.dropped == {"b"}
+    skipped = {(s.labels["write"], s.value) for s in metrics.skipped_writes.collect()[0].samples
+               if s.name.endswith("_total")}
+    assert skipped == {("progress", 2.0), ("events", 2.0)}  # previews are read after a report that worked

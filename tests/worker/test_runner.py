@@ -197,3 +197,18 @@ def test_a_job_that_keeps_breaking_the_worker_fails_past_the_rerun_limit(redis_c
     record = ledger.record(job_id)
     assert record is not None and record.status is JobStatus.failed and "a bug" in (record.error or "")
     assert worker.held == [] and worker.queue.held() == []
+
+
+# defect: a brief Redis error while reporting progress failed the whole batch
+
+def test_redis_blips_during_sampling_do_not_fail_the_batch(redis_conn: redis.Redis, engine: Engine,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger = book(redis_conn)
+    ids = [ledger.submit(spec(i), f"owner{i}")[0] for i in range(3)]
+    worker = make_worker(redis_conn, engine)
+    for name in ("report", "publish_progress", "preview_every"):
+        monkeypatch.setattr(worker.queue, name, failing_once(getattr(worker.queue, name), redis.TimeoutError("blip")))
+    worker.step()
+    for job_id in ids:
+        record = ledger.record(job_id)
+        assert record is not None and record.status is JobStatus.succeeded, record
