@@ -29,6 +29,7 @@ from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
+from redis.exceptions import WatchError
 from redis.retry import Retry
 from rq import Queue
 from rq.job import Job
@@ -200,18 +201,6 @@ def rq_time(ts: float) -> str:
 
 # -- the gateway's operations ---------------------------------------------------------------------
 
-# Remove a job from its queue if it is still there, and stop counting its NFE as queued.
-_UNQUEUE = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-local qnfe = tonumber(redis.call('HGET', KEYS[2], 'qnfe') or '0')
-if qnfe > 0 then
-  redis.call('HSET', KEYS[2], 'qnfe', 0)
-  redis.call('DECRBY', KEYS[3], qnfe)
-end
-return 1
-"""
-
-
 class Ledger:
     """The gateway's view of the ledger. Every method may raise redis.RedisError."""
 
@@ -222,7 +211,6 @@ class Ledger:
         self.failure_ttl_s = failure_ttl_s
         self.idempotency_ttl_s = idempotency_ttl_s
         self._queues: dict[str, Queue] = {}
-        self._unqueue = conn.register_script(_UNQUEUE)
 
     def queue(self, model: str) -> Queue:
         if model not in self._queues:
@@ -337,17 +325,35 @@ class Ledger:
         model = self.conn.hget(Keys.job(job_id), "model")
         if model is None:
             return None
-        if self._unqueue(keys=[Keys.queue(text(model)), Keys.job(job_id), Keys.QUEUED_NFE], args=[job_id]):
-            with self.conn.pipeline() as pipe:
-                finish(self.conn, pipe, [Outcome(job_id, JobStatus.cancelled, error="cancelled while queued")],
-                       result_ttl=self.result_ttl_s, failure_ttl=self.failure_ttl_s)
-                pipe.execute()
+        if self._cancel_queued(job_id, Keys.queue(text(model))):
             return JobStatus.cancelled
         status = self.status(job_id)
         if status is not None and not status.terminal:
             self.conn.hset(Keys.job(job_id), "cancel", 1)  # durable: checked when a batch starts
             self.conn.publish(Keys.CANCEL_CHANNEL, job_id)  # prompt: seen at the next evaluation
         return status
+
+    def _cancel_queued(self, job_id: str, queue: str) -> bool:
+        """If the job is still in its queue: take it out, stop counting its NFE and write its cancelled
+        state, all in one transaction (an error half-way leaves it queued); else False."""
+        while True:
+            with self.conn.pipeline() as pipe:
+                try:
+                    pipe.watch(queue, Keys.job(job_id))
+                    if pipe.lpos(queue, job_id) is None:
+                        return False
+                    qnfe = int(pipe.hget(Keys.job(job_id), "qnfe") or 0)
+                    pipe.multi()
+                    pipe.lrem(queue, 1, job_id)
+                    if qnfe > 0:
+                        pipe.hset(Keys.job(job_id), "qnfe", 0)
+                        pipe.decrby(Keys.QUEUED_NFE, qnfe)
+                    finish(self.conn, pipe, [Outcome(job_id, JobStatus.cancelled, error="cancelled while queued")],
+                           result_ttl=self.result_ttl_s, failure_ttl=self.failure_ttl_s)
+                    pipe.execute()
+                    return True
+                except WatchError:
+                    continue
 
     # the fleet
 

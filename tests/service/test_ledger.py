@@ -1,0 +1,43 @@
+"""The gateway's ledger operations against a real Redis, where two round trips could interleave or fail
+half-way: cancelling a queued job, Idempotency-Key races."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+
+import service.ledger
+from service.contract import JobSpec, JobStatus
+from service.ledger import Keys, Ledger
+
+MODEL = "tiny"
+
+
+def book(conn: redis.Redis) -> Ledger:
+    return Ledger(conn, result_ttl_s=60, failure_ttl_s=60)
+
+
+def spec(*seeds: int) -> JobSpec:
+    return JobSpec(model=MODEL, seeds=list(seeds), class_labels=[None] * len(seeds))
+
+
+def test_cancel_of_a_queued_job_is_all_or_nothing(redis_conn: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger = book(redis_conn)
+    job_id = ledger.submit(spec(1), "o")[0]
+    nfe = spec(1).nfe_total
+
+    def redis_went_away(*_: Any, **__: Any) -> None:
+        raise redis.ConnectionError("Redis went away mid-cancel")
+
+    monkeypatch.setattr(service.ledger, "finish", redis_went_away)
+    with pytest.raises(redis.ConnectionError):
+        ledger.cancel(job_id)
+    monkeypatch.undo()
+    assert redis_conn.lpos(Keys.queue(MODEL), job_id) == 0  # still queued, still counted
+    assert ledger.queued_nfe() == nfe and int(redis_conn.hget(Keys.job(job_id), "qnfe")) == nfe
+    assert ledger.status(job_id) is JobStatus.queued
+    assert ledger.cancel(job_id) is JobStatus.cancelled  # the client's retry works
+    assert ledger.status(job_id) is JobStatus.cancelled and ledger.queued_nfe() == 0
+    assert redis_conn.llen(Keys.queue(MODEL)) == 0 and redis_conn.exists(Keys.done(job_id)) == 1
