@@ -224,43 +224,55 @@ class Ledger:
 
     def submit(self, spec: JobSpec, owner: str, *, idempotency_key: str | None = None,
                body_hash: str = "") -> tuple[str, bool]:
-        """Enqueue a job; returns (job id, created). An Idempotency-Key seen before returns its job."""
-        job_id = new_job_id()
-        if idempotency_key is not None:
-            existing = self._claim_idempotency_key(owner, idempotency_key, body_hash, job_id)
-            if existing is not None:
-                return existing, False
-        now = time.time()
-        with self.conn.pipeline() as pipe:
-            self.queue(spec.model).enqueue_call(
-                JOB_FUNC, kwargs={"spec": spec.model_dump(mode="json")}, job_id=job_id,
-                result_ttl=self.result_ttl_s, failure_ttl=self.failure_ttl_s, timeout=-1,
-                description=f"{spec.model}: {spec.num_images} image(s), {spec.sampler.num_steps} steps",
-                pipeline=pipe)
-            pipe.hset(Keys.job(job_id), mapping={
-                "owner": owner, "model": spec.model, "images": spec.num_images, "nfe": spec.nfe_total,
-                "qnfe": spec.nfe_total, "reruns": 0, "cancel": 0, "created": now})
-            pipe.incrby(Keys.QUEUED_NFE, spec.nfe_total)
-            pipe.execute()
-        return job_id, True
+        """Enqueue a job; returns (job id, created). An Idempotency-Key seen before returns its job.
 
-    def _claim_idempotency_key(self, owner: str, key: str, body_hash: str, job_id: str) -> str | None:
-        """None if `job_id` now owns the key; else the id of the job that already does."""
-        rkey = Keys.idempotency(owner, key)
-        value = json.dumps({"job": job_id, "body": body_hash})
-        for _ in range(3):
-            if self.conn.set(rkey, value, nx=True, ex=self.idempotency_ttl_s):
-                return None
-            raw = self.conn.get(rkey)
-            if raw is None:
-                continue
-            seen = json.loads(raw)
-            if seen["body"] != body_hash:
-                raise IdempotencyConflict(key)
-            if self.conn.exists(Keys.job(seen["job"])):
-                return str(seen["job"])
-            self.conn.delete(rkey)  # its job expired: the key is free again
-        return None
+        The key is set in the same transaction as the job (WATCHed), so a key never names a job
+        that is still being created: two concurrent requests with one key make one job."""
+        if idempotency_key is None:
+            job_id = new_job_id()
+            with self.conn.pipeline() as pipe:
+                self._enqueue(pipe, spec, owner, job_id)
+                pipe.execute()
+            return job_id, True
+        rkey = Keys.idempotency(owner, idempotency_key)
+        while True:
+            with self.conn.pipeline() as pipe:
+                try:
+                    pipe.watch(rkey)
+                    existing = self._job_of_key(pipe, rkey, idempotency_key, body_hash)
+                    if existing is not None:
+                        return existing, False
+                    job_id = new_job_id()
+                    pipe.multi()
+                    self._enqueue(pipe, spec, owner, job_id)
+                    pipe.set(rkey, json.dumps({"job": job_id, "body": body_hash}), ex=self.idempotency_ttl_s)
+                    pipe.execute()
+                    return job_id, True
+                except WatchError:  # another request took the key meanwhile: its job exists now
+                    continue
+
+    def _enqueue(self, pipe: Any, spec: JobSpec, owner: str, job_id: str) -> None:
+        """Queue on `pipe` (a MULTI pipeline) the RQ job, its edm:job hash and its queued NFE."""
+        self.queue(spec.model).enqueue_call(
+            JOB_FUNC, kwargs={"spec": spec.model_dump(mode="json")}, job_id=job_id,
+            result_ttl=self.result_ttl_s, failure_ttl=self.failure_ttl_s, timeout=-1,
+            description=f"{spec.model}: {spec.num_images} image(s), {spec.sampler.num_steps} steps",
+            pipeline=pipe)
+        pipe.hset(Keys.job(job_id), mapping={
+            "owner": owner, "model": spec.model, "images": spec.num_images, "nfe": spec.nfe_total,
+            "qnfe": spec.nfe_total, "reruns": 0, "cancel": 0, "created": time.time()})
+        pipe.incrby(Keys.QUEUED_NFE, spec.nfe_total)
+
+    def _job_of_key(self, conn: Any, rkey: str, key: str, body_hash: str) -> str | None:
+        """The job an Idempotency-Key names, if it still exists (None: unused, or its job expired);
+        IdempotencyConflict if the key was used with another body."""
+        raw = conn.get(rkey)
+        if raw is None:
+            return None
+        seen = json.loads(raw)
+        if seen["body"] != body_hash:
+            raise IdempotencyConflict(key)
+        return str(seen["job"]) if conn.exists(Keys.job(seen["job"])) else None
 
     # reading
 

@@ -41,3 +41,38 @@ def test_cancel_of_a_queued_job_is_all_or_nothing(redis_conn: redis.Redis, monke
     assert ledger.cancel(job_id) is JobStatus.cancelled  # the client's retry works
     assert ledger.status(job_id) is JobStatus.cancelled and ledger.queued_nfe() == 0
     assert redis_conn.llen(Keys.queue(MODEL)) == 0 and redis_conn.exists(Keys.done(job_id)) == 1
+
+
+def test_concurrent_requests_with_one_idempotency_key_make_one_job(redis_conn: redis.Redis, redis_server: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    first, second = book(redis_conn), book(redis_server.client())
+    answers: list[tuple[str, bool]] = []
+    real_queue = first.queue
+
+    def queue_after_the_other_request(model: str) -> Any:
+        if not answers:  # the second request runs while the first is half-way through its submit
+            answers.append(second.submit(spec(1), "o", idempotency_key="k", body_hash="h"))
+        return real_queue(model)
+
+    monkeypatch.setattr(first, "queue", queue_after_the_other_request)
+    answers.append(first.submit(spec(1), "o", idempotency_key="k", body_hash="h"))
+    (other_id, other_created), (job_id, created) = answers
+    assert job_id == other_id and [other_created, created].count(True) == 1
+    assert redis_conn.llen(Keys.queue(MODEL)) == 1 and ledger_jobs(redis_conn) == 1
+    assert first.queued_nfe() == spec(1).nfe_total
+
+
+def test_idempotency_key_of_an_expired_job_makes_a_new_job(redis_conn: redis.Redis) -> None:
+    ledger = book(redis_conn)
+    old = ledger.submit(spec(1), "o", idempotency_key="k", body_hash="h")[0]
+    assert ledger.submit(spec(1), "o", idempotency_key="k", body_hash="h") == (old, False)
+    with pytest.raises(service.ledger.IdempotencyConflict):
+        ledger.submit(spec(2), "o", idempotency_key="k", body_hash="other")
+    redis_conn.delete(Keys.job(old), Keys.rq_job(old))  # expired
+    new, created = ledger.submit(spec(1), "o", idempotency_key="k", body_hash="h")
+    assert created and new != old
+    assert ledger.submit(spec(1), "o", idempotency_key="k", body_hash="h") == (new, False)
+
+
+def ledger_jobs(conn: redis.Redis) -> int:
+    return len(conn.keys("edm:job:*"))
