@@ -32,7 +32,16 @@ def resolve_request(req: GenerateRequest, settings: GatewaySettings, ledger: Led
 
 def admit(spec: JobSpec, owner: str, *, settings: GatewaySettings, ledger: Ledger, metrics: GatewayMetrics,
           idempotency_key: str | None, body: GenerateRequest) -> tuple[str, bool]:
-    """Enqueue unless the queue is full (429 with Retry-After); returns (job id, created)."""
+    """Enqueue unless the queue is full (429 with Retry-After); returns (job id, created). A replayed
+    Idempotency-Key returns its job first, whatever the queue holds."""
+    body_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    try:
+        replayed = None if idempotency_key is None else ledger.replay(owner, idempotency_key, body_hash)
+    except IdempotencyConflict:
+        raise _key_conflict() from None
+    if replayed is not None:
+        log.info("job replayed (Idempotency-Key)", extra={"job_id": replayed, "model": spec.model})
+        return replayed, False
     queued = ledger.queued_nfe()
     if queued > 0 and queued + spec.nfe_total > settings.max_queued_nfe:
         metrics.jobs.labels(spec.model, "rejected").inc()
@@ -41,17 +50,19 @@ def admit(spec: JobSpec, owner: str, *, settings: GatewaySettings, ledger: Ledge
         wait = 5 if rate <= 0 else min(3600, max(1, math.ceil(excess / rate)))
         raise Problem(429, f"the queue holds {queued} network evaluations (limit {settings.max_queued_nfe}); "
                       f"retry in about {wait} s", headers={"Retry-After": str(wait)}, queued_nfe=queued)
-    body_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
     try:
         job_id, created = ledger.submit(spec, owner, idempotency_key=idempotency_key, body_hash=body_hash)
     except IdempotencyConflict:
-        raise Problem(422, "this Idempotency-Key was used with a different request body",
-                      field="Idempotency-Key") from None
+        raise _key_conflict() from None
     if created:
         metrics.jobs_submitted.labels(spec.model).inc()
     log.info("job %s", "accepted" if created else "replayed (Idempotency-Key)",
              extra={"job_id": job_id, "model": spec.model, "images": spec.num_images, "nfe": spec.nfe_total})
     return job_id, created
+
+
+def _key_conflict() -> Problem:
+    return Problem(422, "this Idempotency-Key was used with a different request body", field="Idempotency-Key")
 
 
 def visible_record(ledger: Ledger, job_id: str, owner: str) -> JobRecord:

@@ -263,6 +263,11 @@ class Ledger:
             "qnfe": spec.nfe_total, "reruns": 0, "cancel": 0, "created": time.time()})
         pipe.incrby(Keys.QUEUED_NFE, spec.nfe_total)
 
+    def replay(self, owner: str, idempotency_key: str, body_hash: str) -> str | None:
+        """The existing job of an Idempotency-Key (before admission: a replay is never refused as
+        over the queue limit), or None; IdempotencyConflict if the key was used with another body."""
+        return self._job_of_key(self.conn, Keys.idempotency(owner, idempotency_key), idempotency_key, body_hash)
+
     def _job_of_key(self, conn: Any, rkey: str, key: str, body_hash: str) -> str | None:
         """The job an Idempotency-Key names, if it still exists (None: unused, or its job expired);
         IdempotencyConflict if the key was used with another body."""

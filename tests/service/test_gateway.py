@@ -187,6 +187,19 @@ def test_backpressure_is_429_with_retry_after(gateway: Start, redis_conn: redis.
     assert 'edm_jobs_total{model="tiny",outcome="rejected"} 1.0' in metrics
 
 
+def test_idempotency_key_replay_is_answered_when_the_queue_is_full(gateway: Start) -> None:
+    client = gateway(max_queued_nfe=100)
+    body = {"seeds": [1], "num_steps": 18}  # 35 NFE each
+    first = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "order-1"})
+    assert client.post("/v1/jobs", json=body).status_code == 202
+    assert_problem(client.post("/v1/jobs", json=body), 429)
+    again = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "order-1"})
+    assert again.status_code == 202 and again.json()["id"] == first.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert_problem(client.post("/v1/jobs", json={"seeds": [2]}, headers={"Idempotency-Key": "order-1"}), 422,
+                   "Idempotency-Key")
+
+
 def test_cancel_a_queued_job(gateway: Start, redis_conn: redis.Redis) -> None:
     client = gateway()
     job_id = client.post("/v1/jobs", json={"seeds": [1, 2]}).json()["id"]
