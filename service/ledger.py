@@ -191,7 +191,8 @@ def _finish_rq_job(pipe: Any, job: Job, outcome: Outcome, now: float, ttl: int, 
     else:
         job.set_status(RQStatus.CANCELED, pipeline=pipe)
         job.save(pipeline=pipe, include_meta=False)
-        CanceledJobRegistry(job.origin, connection=job.connection).add(job, pipeline=pipe)
+        # scored by expiry like the other two (RQ's default, ttl 0, scores it as expired at once)
+        CanceledJobRegistry(job.origin, connection=job.connection).add(job, ttl, pipeline=pipe)
 
 
 def rq_time(ts: float) -> str:

@@ -4,7 +4,8 @@ Claiming moves an id from `rq:queue:{model}` into this worker's `edm:claimed:{wo
 (LMOVE / BLMOVE, Redis 6.2), so a claimed job is always in exactly one list. While the worker
 lives it refreshes `edm:hb:{worker}` (TTL a few heartbeats). When a heartbeat expires, the reaper
 (any worker, under a short lock) moves the dead worker's ids back to the front of their queues
-and counts a rerun; past EDM_MAX_RERUNS the job fails with a reason instead.
+and counts a rerun; past EDM_MAX_RERUNS the job fails with a reason instead. Under the same lock
+it drops expired entries from RQ's finished/failed/canceled registries.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Any
 
 import redis
 from redis.exceptions import WatchError
+from rq import Queue
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
-from rq.registry import StartedJobRegistry
+from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from service.contract import ImageInfo, JobSpec, JobStatus, WorkerInfo
@@ -310,9 +312,22 @@ class WorkerQueue:
                 if worker == self.id or self.conn.exists(Keys.heartbeat(worker)):
                     continue
                 outcomes += self._reap_worker(worker)
+            self._trim_registries()
         finally:
             self._release(keys=[Keys.REAPER_LOCK], args=[token])
         return outcomes
+
+    def _trim_registries(self) -> None:
+        """Drop expired entries from RQ's finished, failed and canceled registries of every queue (RQ's
+        own workers clean them; ours must, or they grow forever). Entries are scored by expiry time."""
+        now = time.time()
+        queues = [text(raw).removeprefix(Queue.redis_queue_namespace_prefix)
+                  for raw in self.conn.smembers(Queue.redis_queues_keys)]
+        with self.conn.pipeline(transaction=False) as pipe:
+            for name in queues:
+                for registry in (FinishedJobRegistry, FailedJobRegistry, CanceledJobRegistry):
+                    pipe.zremrangebyscore(registry.key_template.format(name), 0, now)
+            pipe.execute()
 
     def _reap_worker(self, worker: str) -> list[tuple[str, str]]:
         claimed_key = Keys.claimed(worker)

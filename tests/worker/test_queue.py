@@ -117,3 +117,19 @@ def test_cancel_of_a_claimed_job_sets_the_flag_and_publishes(redis_conn: redis.R
     assert w.finish([Outcome(job_id, JobStatus.cancelled)]) == {job_id}
     assert book.status(job_id) is JobStatus.cancelled
     pubsub.close()
+
+
+def test_reaper_trims_expired_entries_from_the_rq_registries(redis_conn: redis.Redis) -> None:
+    book = Ledger(redis_conn, result_ttl_s=1, failure_ttl_s=1)
+    ids = [book.submit(spec(1), "o")[0] for _ in range(3)]
+    w = WorkerQueue(redis_conn, "w1", result_ttl_s=1, failure_ttl_s=1, heartbeat_ttl_s=5, max_reruns=2)
+    w.claim("m", 3)
+    result = JobResult(images=[], worker="w1", sampling_s=0.0)
+    w.finish([Outcome(ids[0], JobStatus.succeeded, result=result), Outcome(ids[1], JobStatus.failed, error="x"),
+              Outcome(ids[2], JobStatus.cancelled)])
+    registries = ["rq:finished:m", "rq:failed:m", "rq:canceled:m"]
+    assert w.reap() == []
+    assert [redis_conn.zcard(key) for key in registries] == [1, 1, 1]  # not expired yet
+    time.sleep(1.1)
+    assert w.reap() == []
+    assert [redis_conn.zcard(key) for key in registries] == [0, 0, 0]
