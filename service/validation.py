@@ -49,7 +49,7 @@ def resolve_class(value: int | str | None, card: ModelCard) -> int | None:
         names = card.class_names or []
         if value in names:
             return names.index(value)
-        if not value.strip().isdigit():
+        if not (value.strip().isascii() and value.strip().isdigit()):  # "²".isdigit() is True; int() refuses it
             shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
             raise invalid("class_label", f"unknown class {value!r}; expected an index or one of: {shown}"
                           if names else f"{value!r} is not a class index")

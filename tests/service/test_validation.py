@@ -41,6 +41,8 @@ def test_seeds_classes_and_defaults() -> None:
 def test_refusals_name_the_field() -> None:
     assert field_of(class_label=10) == "class_label"
     assert field_of(class_label="dog") == "class_label"
+    assert field_of(class_label="\u00b2") == "class_label"  # isdigit() is True, int() refuses it
+    assert field_of(class_label="\u0663") == "class_label"  # an Arabic-Indic digit: not an index either
     assert field_of(count=17) == "count"
     assert field_of(seeds=list(range(17))) == "seeds"
     assert field_of(seeds=[1], start=2) == "start"
