@@ -45,6 +45,12 @@ def invalid(field: str, detail: str) -> Problem:
                    errors=[{"field": field, "message": detail}])
 
 
+def internal_error() -> Problem:
+    """500 for an error no handler foresaw; the details stay in the log (the request id finds them)."""
+    return Problem(500, "an unexpected error occurred; the request id identifies it in the gateway's logs",
+                   type_="urn:edm-serve:problem:internal-error")
+
+
 def problem_response(problem: Problem, request: Request | None = None) -> JSONResponse:
     body: dict[str, Any] = {"type": problem.type, "title": problem.title, "status": problem.status,
                             "detail": problem.detail}

@@ -1,4 +1,5 @@
-"""Per-request context (pure ASGI): request id, body size limit, one log line, HTTP metrics."""
+"""Per-request context (pure ASGI): request id, body size limit, one log line, HTTP metrics, and the
+catch-all for unexpected errors (a problem+json 500 carrying the request id)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import secrets
 import time
 from typing import Any
 
+from starlette.requests import Request
+
 from service import logs
-from service.errors import Problem, problem_response
+from service.errors import Problem, internal_error, problem_response
 from service.metrics import GatewayMetrics
 
 log = logging.getLogger("service.http")
@@ -66,9 +69,11 @@ class RequestContext:
         token = logs.request_id.set(request_id)
         started = time.perf_counter()
         status = [500]
+        answered = [False]
 
         async def send_with_id(message: Any) -> None:
             if message["type"] == "http.response.start":
+                answered[0] = True
                 status[0] = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
@@ -79,6 +84,11 @@ class RequestContext:
                 await problem_response(BodyTooLarge(self.max_body_bytes))(scope, receive, send_with_id)
             else:
                 await self.app(scope, _replay(body, receive), send_with_id)
+        except Exception:
+            if answered[0]:
+                raise  # too late for a problem document: the server ends the response
+            log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            await problem_response(internal_error(), Request(scope))(scope, receive, send_with_id)
         finally:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")

@@ -96,6 +96,7 @@ def test_unknown_model_is_404(gateway: Start) -> None:
 @pytest.mark.parametrize(("body", "field"), [
     ({"class_label": 10}, "class_label"),
     ({"class_label": "seven"}, "class_label"),
+    ({"class_label": "\u00b2"}, "class_label"),
     ({"class_label": -1}, "class_label"),
     ({"class_label": True}, "class_label"),
     ({"class_label": [1]}, "class_label"),
@@ -121,6 +122,21 @@ def test_invalid_requests_are_422_naming_the_field(gateway: Start, body: dict, f
     for path in ("/v1/jobs", "/v1/generate"):
         problem = assert_problem(client.post(path, json=body), 422, field)
         assert problem["errors"][0]["field"] == field
+
+
+def test_an_unexpected_error_is_a_problem_500(redis_server: RedisServer, tiny_model: Path) -> None:
+    app = create_app(GatewaySettings(redis_url=redis_server.url, models={"tiny": str(tiny_model)},
+                                     bundled_model=False))
+
+    def broken() -> None:
+        raise RuntimeError("a bug with a secret in it")
+
+    app.add_api_route("/broken", broken)
+    with ThreadedServer(app) as server:
+        response = httpx.get(f"{server.url}/broken", headers={"X-Request-Id": "req-1"}, timeout=10)
+    body = assert_problem(response, 500)
+    assert "secret" not in response.text and body["request_id"] == "req-1"
+    assert response.headers["x-request-id"] == "req-1"
 
 
 def test_body_that_is_not_json_is_422(gateway: Start) -> None:
