@@ -48,6 +48,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                                   idempotency_ttl_s=settings.idempotency_ttl_s)
         # Route handlers block on Redis (sync waits included) in worker threads: allow enough of them.
         anyio.to_thread.current_default_thread_limiter().total_tokens = settings.http_threads
+        # ...but health and metrics never wait behind them (routes/health.py).
+        app.state.probe_threads = anyio.CapacityLimiter(4)
         side_servers = start_side_servers(app)
         log.info("gateway ready", extra={"models": list(catalog.models), "redis": _redacted(settings.redis_url)})
         try:

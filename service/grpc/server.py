@@ -23,7 +23,7 @@ from service.errors import Problem
 from service.grpc.interceptor import Interceptor
 from service.grpc.servicer import Servicer
 from service.grpc.stubs import SERVICE_NAME, service_grpc
-from service.routes.health import readyz
+from service.routes.health import readiness
 
 log = logging.getLogger("service.grpc")
 
@@ -70,7 +70,7 @@ class GrpcServer:
         if ledger is None:
             return False
         try:
-            readyz(ledger, self.state.catalog)
+            readiness(ledger, self.state.catalog)
         except (Problem, redis.RedisError):
             return False
         return True

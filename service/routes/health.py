@@ -1,25 +1,48 @@
-"""Liveness, readiness and the Prometheus endpoint."""
+"""Liveness, readiness and the Prometheus endpoint.
+
+These are `async def` and never use the shared thread pool: blocking routes (a sync generate
+waits up to EDM_SYNC_TIMEOUT_S there) can take every thread, and a liveness probe that queues
+behind them gets the gateway restarted. /healthz touches nothing; /readyz and /metrics, which
+call Redis, run on a small thread limiter of their own (app.state.probe_threads).
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from collections.abc import Callable
+from typing import TypeVar
+
+import anyio.to_thread
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.deps import CatalogDep, LedgerDep, MetricsDep
+from service.catalog import Catalog
 from service.errors import Problem
+from service.ledger import Ledger
 
 router = APIRouter(tags=["health"])
+T = TypeVar("T")
+
+
+async def _off_the_pool(request: Request, call: Callable[[], T]) -> T:
+    return await anyio.to_thread.run_sync(call, limiter=request.app.state.probe_threads)
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     """The process is up (it does not look at Redis or workers)."""
     return {"status": "ok"}
 
 
 @router.get("/readyz")
-def readyz(ledger: LedgerDep, catalog: CatalogDep) -> dict[str, object]:
+async def readyz(request: Request) -> dict[str, object]:
     """Redis answers and every configured model has at least one live worker."""
+    state = request.app.state
+    return await _off_the_pool(request, lambda: readiness(state.ledger, state.catalog))
+
+
+def readiness(ledger: Ledger | None, catalog: Catalog) -> dict[str, object]:
+    if ledger is None:
+        raise Problem(503, "the gateway is starting or stopping", headers={"Retry-After": "2"})
     ledger.ping()
     serving: dict[str, int] = {name: 0 for name in catalog.models}
     for worker in ledger.live_workers():
@@ -34,5 +57,7 @@ def readyz(ledger: LedgerDep, catalog: CatalogDep) -> dict[str, object]:
 
 
 @router.get("/metrics", include_in_schema=False)
-def metrics(gateway: MetricsDep) -> Response:
-    return Response(generate_latest(gateway.registry), media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request) -> Response:
+    registry = request.app.state.metrics.registry
+    body = await _off_the_pool(request, lambda: generate_latest(registry))
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from rq.serializers import JSONSerializer
 from service.app import create_app
 from service.auth import key_hash
 from service.settings import GatewaySettings
-from tests.integration.servers import RedisServer, ThreadedServer
+from tests.integration.servers import RedisServer, ThreadedServer, wait_until
 
 PROBLEM = "application/problem+json"
 Start = Callable[..., httpx.Client]
@@ -65,6 +67,21 @@ def test_health_models_and_openapi(gateway: Start) -> None:
     assert entry["card"]["class_names"] == [str(k) for k in range(10)]
     assert "/v1/generate" in client.get("/openapi.json").json()["paths"]
     assert client.get("/healthz", headers={"X-Request-ID": "abc-123"}).headers["x-request-id"] == "abc-123"
+
+
+def test_health_and_readiness_answer_while_every_http_thread_waits(gateway: Start, redis_conn: redis.Redis) -> None:
+    client = gateway(http_threads=2, sync_timeout_s=4)
+    waits = [threading.Thread(target=client.post, args=("/v1/generate",), kwargs={"json": {"seeds": [k]}})
+             for k in range(2)]  # no worker: each holds a thread for sync_timeout_s
+    for wait in waits:
+        wait.start()
+    wait_until(lambda: redis_conn.llen("rq:queue:tiny") == 2, 3)  # both are waiting for their jobs now
+    for path, status in (("/healthz", 200), ("/readyz", 503), ("/metrics", 200)):
+        started = time.monotonic()
+        assert client.get(path).status_code == status
+        assert time.monotonic() - started < 1.0, path
+    for wait in waits:
+        wait.join()
 
 
 def test_submitted_job_is_an_rq_job_on_the_model_queue(gateway: Start, redis_conn: redis.Redis,
