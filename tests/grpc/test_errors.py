@@ -4,6 +4,7 @@ health (SERVING only with Redis and a worker), reflection and the gRPC request m
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -174,6 +175,31 @@ def test_queue_positions_resource_exhausted_and_cancel_while_queued(locked: Lock
     assert queued.queued.position == 0
     locked.stub.CancelJob(service_pb2.CancelJobRequest(job_id=queued.job_id), metadata=key, timeout=10)
     assert kind([r.event for r in events][-1]) == "error"
+
+
+def test_generate_whose_job_vanishes_is_not_found_not_an_empty_answer(locked: Locked) -> None:
+    conn = locked.redis.client()
+    before = set(conn.keys("edm:job:*"))
+    outcome: list[Any] = []
+
+    def generate() -> None:
+        try:
+            outcome.append(locked.stub.Generate(service_pb2.GenerateRequest(spec=spec(seeds=[5])),
+                                                metadata=locked.grpc_key("alpha"), timeout=20))
+        except grpc.RpcError as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    (key,) = wait_until(lambda: set(conn.keys("edm:job:*")) - before, 10)
+    job_id = key.decode().rsplit(":", 1)[1]
+    conn.lrem(f"rq:queue:{MODEL}", 1, job_id)
+    conn.delete(key, f"rq:job:{job_id}")  # expired, or flushed by an operator
+    thread.join(20)
+    conn.close()
+    (error,) = outcome
+    assert isinstance(error, grpc.RpcError), error
+    assert error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INTERNAL) and error.details()
 
 
 def test_health_serving_only_with_redis_and_a_worker(locked: Locked) -> None:
