@@ -57,9 +57,10 @@ end
 return ids
 """
 
-# Give a claimed id back to the front of its queue. KEYS: claimed list, queue, started registry,
-# queued-NFE counter. ARGV: id, count_rerun (1/0), max_reruns. Returns 1 requeued, 0 not held,
-# -1 over the rerun limit (left in the claimed list: the caller fails it).
+# Give a claimed id back to the front of its queue, as it was before its run (no progress, start
+# time or worker). KEYS: claimed list, queue, started registry, queued-NFE counter. ARGV: id,
+# count_rerun (1/0), max_reruns. Returns 1 requeued, 0 not held, -1 over the rerun limit (left in
+# the claimed list: the caller fails it).
 REQUEUE = """
 local id = ARGV[1]
 local job = 'edm:job:' .. id
@@ -78,6 +79,8 @@ if execution then
   redis.call('HDEL', job, 'execution')
 end
 redis.call('HSET', job, 'step', 0, 'nfe_done', 0, 'images_done', 0)
+redis.call('HDEL', job, 'started', 'worker')
+redis.call('HDEL', 'rq:job:' .. id, 'started_at', 'worker_name')
 if tonumber(redis.call('HGET', job, 'qnfe') or '0') == 0 then
   local nfe = tonumber(redis.call('HGET', job, 'nfe') or '0')
   redis.call('HSET', job, 'qnfe', nfe)

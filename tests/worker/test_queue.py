@@ -133,3 +133,20 @@ def test_reaper_trims_expired_entries_from_the_rq_registries(redis_conn: redis.R
     time.sleep(1.1)
     assert w.reap() == []
     assert [redis_conn.zcard(key) for key in registries] == [0, 0, 0]
+
+
+def test_a_requeued_job_forgets_its_dead_run(redis_conn: redis.Redis) -> None:
+    book = ledger(redis_conn)
+    job_id = book.submit(spec(), "o")[0]
+    survivor = worker(redis_conn, "alive")
+    beat(survivor)
+    dead = worker(redis_conn, "dead", ttl_s=0.1)
+    beat(dead)
+    (job,) = dead.claim("m", 1)
+    dead.mark_started(job)
+    time.sleep(0.2)
+    assert survivor.reap() == [(job_id, "requeued")]
+    record = book.record(job_id)
+    assert record is not None and record.status is JobStatus.queued and record.started_at is None
+    assert redis_conn.hmget(f"edm:job:{job_id}", ["worker", "execution"]) == [None, None]
+    assert redis_conn.hmget(f"rq:job:{job_id}", ["worker_name", "started_at"]) == [None, None]
