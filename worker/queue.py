@@ -180,6 +180,10 @@ class WorkerQueue:
         for job in reversed(jobs):
             self._requeue_one(self.claimed_key, job.id, job.spec.model, count_rerun=False)
 
+    def model_of(self, job_id: str) -> str | None:
+        model = self.conn.hget(Keys.job(job_id), "model")
+        return None if model is None else text(model)
+
     def held(self) -> list[str]:
         return [text(i) for i in self.conn.lrange(self.claimed_key, 0, -1)]
 

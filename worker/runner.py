@@ -342,8 +342,13 @@ class Worker:
                 info = self._info.model_copy(update={"busy": self.state is State.busy,
                                                      "nfe_per_s": round(self.nfe_per_s, 1)})
                 self.queue.heartbeat(info)
-                for _, outcome in self.queue.reap():
+                for job_id, outcome in self.queue.reap():
                     self.metrics.reaped.labels(outcome).inc()
+                    model = self.queue.model_of(job_id) if outcome == "failed" else None
+                    if model is not None:
+                        self.metrics.jobs.labels(model, "failed").inc()
             except redis.RedisError as error:
                 log.warning("heartbeat failed: %s", error)
+            except Exception:  # a bug in the reaper must not stop the heartbeat (the reaper reruns our jobs)
+                log.exception("unexpected error in the heartbeat thread")
             self._stop.wait(self.heartbeat_interval_s)

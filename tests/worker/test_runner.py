@@ -212,3 +212,46 @@ def test_redis_blips_during_sampling_do_not_fail_the_batch(redis_conn: redis.Red
     for job_id in ids:
         record = ledger.record(job_id)
         assert record is not None and record.status is JobStatus.succeeded, record
+
+
+# the heartbeat thread, which also runs the reaper
+
+def test_heartbeat_thread_survives_an_unexpected_error_in_the_reaper(redis_conn: redis.Redis, engine: Engine,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    worker = make_worker(redis_conn, engine)
+    worker.heartbeat_interval_s = 0.02
+    calls = [0]
+    real = worker.queue.reap
+
+    def reap() -> list[tuple[str, str]]:
+        calls[0] += 1
+        return real() if calls[0] > 1 else [][0]  # IndexError: a bug, not a Redis error
+
+    monkeypatch.setattr(worker.queue, "reap", reap)
+    thread = threading.Thread(target=worker._heartbeat_loop, daemon=True)
+    thread.start()
+    time.sleep(0.3)
+    worker._stop.set()
+    thread.join(5)
+    assert calls[0] >= 3
+
+
+def test_jobs_the_reaper_fails_count_as_failed_jobs(redis_conn: redis.Redis, engine: Engine) -> None:
+    ledger = book(redis_conn)
+    job_id = ledger.submit(spec(1), "o")[0]
+    dead = WorkerQueue(redis_conn, "dead", result_ttl_s=60, failure_ttl_s=60, heartbeat_ttl_s=0.1, max_reruns=0)
+    dead.heartbeat(make_worker(redis_conn, engine, "dead")._info)
+    dead.claim(MODEL, 1)
+    time.sleep(0.2)
+    worker = make_worker(redis_conn, engine)
+    worker.queue.max_reruns = 0
+    thread = threading.Thread(target=worker._heartbeat_loop, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while ledger.status(job_id) is not JobStatus.failed and time.monotonic() < deadline:
+        time.sleep(0.02)
+    worker._stop.set()
+    thread.join(5)
+    assert ledger.status(job_id) is JobStatus.failed
+    assert worker.metrics.jobs.labels(MODEL, "failed")._value.get() == 1
+    assert worker.metrics.reaped.labels("failed")._value.get() == 1
