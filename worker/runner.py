@@ -179,6 +179,9 @@ class Worker:
         for job_id, outcome in given:
             self.cancels.discard(job_id)
             log.warning("job %s after an unexpected error", outcome, extra={"job_id": job_id})
+            model = self.queue.model_of(job_id) if outcome == "failed" else None
+            if model is not None:
+                self.metrics.jobs.labels(model, "failed").inc()
 
     def _reconcile(self) -> None:
         """While nothing is held, our claimed list should be empty: ids in it that this process never

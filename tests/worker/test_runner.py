@@ -197,6 +197,7 @@ def test_a_job_that_keeps_breaking_the_worker_fails_past_the_rerun_limit(redis_c
     record = ledger.record(job_id)
     assert record is not None and record.status is JobStatus.failed and "a bug" in (record.error or "")
     assert worker.held == [] and worker.queue.held() == []
+    assert worker.metrics.jobs.labels(MODEL, "failed")._value.get() == 1
 
 
 # defect: a brief Redis error while reporting progress failed the whole batch
