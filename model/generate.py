@@ -129,16 +129,14 @@ def generate(net: Precond, seeds: Sequence[int], class_labels: Sequence[int | No
         return evaluate_in_chunks(net, x, sigma, labels_in, chunk).to(torch.float64)
 
     def evaluate(ev: Evaluation) -> Tensor:
-        # Dropped rows are not evaluated; their state keeps moving with D(x) = x (a zero step).
-        denoised = ev.x.clone()
-        if active:
+        if len(active) == len(seeds):  # the common case: exactly the reference's call
+            denoised = network(ev.x, ev.sigma, one_hot)
+        else:
+            # Dropped rows are not evaluated; their state keeps moving with D(x) = x (a zero step).
             rows = torch.tensor(active, device=ev.x.device)
-            labels_in = None if one_hot is None else one_hot[rows]
-            if len(active) == len(seeds):  # the common case: no gather, exactly the reference's call
-                denoised = network(ev.x, ev.sigma, labels_in)
-            else:
-                denoised[rows] = network(ev.x[rows], ev.sigma, labels_in)
-        if on_eval is not None and active:
+            denoised = ev.x.clone()
+            denoised[rows] = network(ev.x[rows], ev.sigma, None if one_hot is None else one_hot[rows])
+        if on_eval is not None:
             drop = on_eval(EvalEvent(ev.step, ev.num_steps, float(ev.sigma), ev.nfe + 1, ev.nfe_total,
                                      denoised[active], list(active)))
             if drop:
@@ -153,5 +151,5 @@ def generate(net: Precond, seeds: Sequence[int], class_labels: Sequence[int | No
     except _EveryRowDropped:
         return [None] * len(seeds)
     pixels = to_pixels(images)
-    return [GeneratedImage(seed, labels[k], pixels[k]) if k in active else None
-            for k, seed in enumerate(seeds)]
+    kept = set(active)
+    return [GeneratedImage(seed, labels[k], pixels[k]) if k in kept else None for k, seed in enumerate(seeds)]
