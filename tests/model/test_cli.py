@@ -9,10 +9,7 @@ import pytest
 
 from model.checkpoint import save_model
 from model.cli import parse_int_list
-from tests.model.test_generate import tiny_net
-
-TINY_KWARGS = dict(img_resolution=8, img_channels=1, label_dim=10, model_type="SongUNet", model_channels=16,
-                   channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
+from tests.model.test_generate import TINY_KWARGS, tiny_net
 
 
 def edm_serve(*args, cwd=None):

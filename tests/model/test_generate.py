@@ -9,12 +9,14 @@ from model.images import decode_png, encode_png
 from model.precond import EDMPrecond
 from model.samplers import SamplerSettings
 
+TINY_KWARGS = dict(img_resolution=8, img_channels=1, label_dim=10, model_type="SongUNet", model_channels=16,
+                   channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
+
 
 def tiny_net(label_dim=10, seed=0):
     """A small random DDPM++-style network with all weights perturbed (zero-init layers would make F = 0)."""
     torch.manual_seed(seed)
-    net = EDMPrecond(img_resolution=8, img_channels=1, label_dim=label_dim, model_type="SongUNet",
-                     model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0)
+    net = EDMPrecond(**{**TINY_KWARGS, "label_dim": label_dim})
     with torch.no_grad():
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.05)
