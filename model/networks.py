@@ -25,7 +25,7 @@ dtype at use, never stored in reduced precision.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ from torch.nn.functional import silu
 
 __all__ = [
     "NETWORKS",
+    "LevelEmbedding",
     "Conv2d",
     "DhariwalUNet",
     "FourierEmbedding",
@@ -247,6 +248,36 @@ def attention_weights(q: Tensor, k: Tensor) -> Tensor:
     return _Fp32Attention.apply(q, k)
 
 
+class LevelEmbedding:
+    """An embedding that depends on the noise level alone: one [1, C] row per distinct level.
+
+    The reference calls the network with one noise level for the whole batch, so the layers that
+    see only that level (the mapping network, and each block's affine layer when nothing per
+    image is added) run on a batch of one. When the rows of a batch are at different levels (step
+    batching), each distinct level is computed the same way, on a batch of one, and the rows are
+    gathered afterwards: every row gets the reference's numbers whatever shares its forward pass
+    (a matmul rounds differently for other batch sizes).
+    """
+
+    def __init__(self, levels: list[Tensor], index: Tensor) -> None:
+        self.levels = levels  # [1, C] each
+        self.index = index    # [B] or [1]: the level of each row
+
+    @staticmethod
+    def of(noise_labels: Tensor, embed: Callable[[Tensor], Tensor]) -> LevelEmbedding:
+        values, index = noise_labels.unique(return_inverse=True)
+        return LevelEmbedding([embed(values[k:k + 1]) for k in range(len(values))], index)
+
+    def map(self, layer: Callable[[Tensor], Tensor]) -> LevelEmbedding:
+        return LevelEmbedding([layer(level) for level in self.levels], self.index)
+
+    def rows(self) -> Tensor:
+        return self.levels[0] if len(self.index) == 1 else torch.cat(self.levels)[self.index]
+
+
+Embedding = Tensor | LevelEmbedding
+
+
 class UNetBlock(nn.Module):
     """Residual block shared by DDPM++, NCSN++ and ADM, with optional resampling and attention.
 
@@ -323,11 +354,12 @@ class UNetBlock(nn.Module):
             self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1, **qkv_init)
             self.proj = Conv2d(out_channels, out_channels, kernel=1, **zero_init)
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+    def forward(self, x: Tensor, emb: Embedding) -> Tensor:
         residual = x
         h = self.conv0(silu(self.norm0(x)))
 
-        cond = self.affine(emb).unsqueeze(2).unsqueeze(3).to(h.dtype)
+        affine = self.affine(emb) if isinstance(emb, Tensor) else emb.map(self.affine).rows()
+        cond = affine.unsqueeze(2).unsqueeze(3).to(h.dtype)
         if self.adaptive_scale:
             scale, shift = cond.chunk(chunks=2, dim=1)
             h = silu(torch.addcmul(shift, self.norm1(h), scale + 1))
@@ -557,10 +589,11 @@ class SongUNet(nn.Module):
 
     def _embed(
         self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None, augment_labels: Tensor | None
-    ) -> Tensor:
-        emb = self.map_noise(noise_labels)
-        # score_sde orders the features [sin | cos]; swap the two halves.
-        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)
+    ) -> Embedding:
+        per_image = self.map_label is not None or (self.map_augment is not None and augment_labels is not None)
+        if not (per_image or self.training):
+            return LevelEmbedding.of(noise_labels, self._embed_noise)
+        emb = self._noise_features(noise_labels)
         if self.map_label is not None:
             if class_labels is None:
                 raise ValueError("class_labels are required by a class-conditional network")
@@ -568,8 +601,18 @@ class SongUNet(nn.Module):
             emb = emb + self.map_label(labels * math.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
-        emb = silu(self.map_layer0(emb))
-        return silu(self.map_layer1(emb))
+        return self._map(emb)
+
+    def _noise_features(self, noise_labels: Tensor) -> Tensor:
+        emb = self.map_noise(noise_labels)
+        # score_sde orders the features [sin | cos]; swap the two halves.
+        return emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)
+
+    def _map(self, emb: Tensor) -> Tensor:
+        return silu(self.map_layer1(silu(self.map_layer0(emb))))
+
+    def _embed_noise(self, noise_labels: Tensor) -> Tensor:
+        return self._map(self._noise_features(noise_labels))
 
     def forward(
         self,
@@ -716,18 +759,24 @@ class DhariwalUNet(nn.Module):
 
     def _embed(
         self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None, augment_labels: Tensor | None
-    ) -> Tensor:
-        emb = self.map_noise(noise_labels)
+    ) -> Embedding:
+        # The class is added after the mapping MLP, which sees the noise level (and augmentation) only.
+        noise: Embedding
         if self.map_augment is not None and augment_labels is not None:
-            emb = emb + self.map_augment(augment_labels)
-        emb = silu(self.map_layer0(emb))
-        emb = self.map_layer1(emb)
-        if self.map_label is not None:
-            if class_labels is None:
-                raise ValueError("class_labels are required by a class-conditional network")
-            labels = _drop_labels(class_labels, self.label_dropout, x, self.training)
-            emb = emb + self.map_label(labels)
-        return silu(emb)
+            noise = self._map(self.map_noise(noise_labels) + self.map_augment(augment_labels))
+        elif self.training:
+            noise = self._map(self.map_noise(noise_labels))
+        else:
+            noise = LevelEmbedding.of(noise_labels, lambda level: self._map(self.map_noise(level)))
+        if self.map_label is None:
+            return silu(noise) if isinstance(noise, Tensor) else noise.map(silu)
+        if class_labels is None:
+            raise ValueError("class_labels are required by a class-conditional network")
+        labels = _drop_labels(class_labels, self.label_dropout, x, self.training)
+        return silu((noise if isinstance(noise, Tensor) else noise.rows()) + self.map_label(labels))
+
+    def _map(self, emb: Tensor) -> Tensor:
+        return self.map_layer1(silu(self.map_layer0(emb)))
 
     def forward(
         self,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.generate import generate
+from model.generate import PassSizes, generate
 from model.images import decode_png, encode_png
 from model.precond import EDMPrecond
 from model.samplers import SamplerSettings
@@ -79,27 +79,22 @@ def test_bad_class_labels(net):
         generate(tiny_net(label_dim=0), [0], [1], SamplerSettings(num_steps=3))
 
 
-def test_on_eval_reports_progress_and_drops_rows(net):
+def test_on_eval_reports_every_evaluation(net):
     events = []
 
     def on_eval(ev):
         events.append((ev.step, ev.nfe, ev.nfe_total, tuple(ev.rows), ev.x0.shape[0]))
-        return [1] if ev.nfe == 3 else None
 
-    seeds = [1, 2, 3]
-    images = generate(net, seeds, [0, 0, 0], SamplerSettings(num_steps=4), on_eval=on_eval)
+    images = generate(net, [1, 2, 3], [0, 0, 0], SamplerSettings(num_steps=4), on_eval=on_eval)
     assert [e[1] for e in events] == list(range(1, 8)) and all(e[2] == 7 for e in events)
-    assert events[2][3] == (0, 1, 2) and events[3][3] == (0, 2) and events[3][4] == 2
-    assert images[1] is None and images[0] is not None and images[2] is not None
-    alone = generate(net, [1, 3], [0, 0], SamplerSettings(num_steps=4))
-    assert np.array_equal(alone[0].pixels, images[0].pixels) and np.array_equal(alone[1].pixels, images[2].pixels)
+    assert [e[0] for e in events] == [0, 0, 1, 1, 2, 2, 3]
+    assert all(e[3] == (0, 1, 2) and e[4] == 3 for e in events)
+    assert [image.seed for image in images] == [1, 2, 3]
 
 
-def test_dropping_every_row_stops_sampling(net):
-    calls = []
-    images = generate(net, [1, 2], None, SamplerSettings(num_steps=10),
-                      on_eval=lambda ev: calls.append(ev.nfe) or ev.rows)
-    assert images == [None, None] and calls == [1]
+def test_non_finite_results_are_refused(net):
+    with pytest.raises(ValueError, match="non-finite"):
+        generate(net, [0], [0], SamplerSettings(num_steps=3, sigma_max=1e30))
 
 
 def test_png_round_trip_and_grayscale(net):
@@ -109,17 +104,17 @@ def test_png_round_trip_and_grayscale(net):
     assert np.array_equal(decode_png(data), image.pixels) and image.pixels.shape == (8, 8, 1)
 
 
-def test_fixed_chunks_keep_images_independent_of_the_batch(net):
-    # The network always sees `chunk` rows (the last pass padded): the CUDA path of the service.
+def test_fixed_pass_sizes_keep_images_independent_of_the_batch(net):
+    # Every pass padded to 8 rows (the shape of a CUDA pass): the padding changes no image.
     seeds = list(range(7))
-    full = pngs(generate(net, seeds, None, STOCHASTIC, chunk=4))
+    full = pngs(generate(net, seeds, None, STOCHASTIC, pass_sizes=PassSizes((8,))))
     for part_seeds in ([3], [6, 0, 2], [5, 4, 1, 3, 0]):
-        part = pngs(generate(net, part_seeds, None, STOCHASTIC, chunk=4))
+        part = pngs(generate(net, part_seeds, None, STOCHASTIC, pass_sizes=PassSizes((8,))))
         assert all(part[s] == full[s] for s in part_seeds)
-    # On the CPU the kernels are batch-invariant, so chunking changes nothing here.
     assert full == pngs(generate(net, seeds, None, STOCHASTIC))
 
 
-def test_chunk_must_be_positive(net):
-    with pytest.raises(ValueError, match="chunk"):
-        generate(net, [0], None, SamplerSettings(num_steps=3), chunk=0)
+def test_more_seeds_than_one_pass(net):
+    seeds = list(range(10))
+    capped = pngs(generate(net, seeds, None, STOCHASTIC, pass_sizes=PassSizes((4,))))
+    assert capped == pngs(generate(net, seeds, None, STOCHASTIC))
