@@ -118,10 +118,9 @@ def sample_main(argv: list[str]) -> int:
     parser.add_argument("--class", dest="class_idx", type=_at_least(0), default=None, metavar="INT",
                         help="class label [default: random]")
     parser.add_argument("--batch", dest="max_batch_size", type=_at_least(1), default=64, help="maximum batch size")
-    parser.add_argument("--chunk", type=_at_least(1), default=None, metavar="INT",
-                        help="run the network in forward passes of exactly INT rows (padded), with TF32 off on CUDA: "
-                             "images then do not depend on --batch on CUDA; the service does this with 16 "
-                             "[default: whole batch, as the reference]")
+    parser.add_argument("--pass-sizes", default="auto", metavar="SIZES",
+                        help="row counts of the forward passes, as the worker's EDM_PASS_SIZES: 'auto' (the worker's "
+                             "default for the device: CPU any count from 4, CUDA 8,16,32,64), 'N+' or 'A,B,C'")
     add_sampler_options(parser)
     add_device_options(parser)
     args = parser.parse_args(argv)
@@ -140,10 +139,13 @@ def sample_main(argv: list[str]) -> int:
         print(f"edm-serve sample: {error}", file=sys.stderr)
         return 2
     net = loaded.net
-    if args.chunk is not None:
-        from model.generate import use_batch_invariant_kernels
+    from model.slots import PassSizes
 
-        use_batch_invariant_kernels(device)
+    try:
+        pass_sizes = None if args.pass_sizes == "auto" else PassSizes.parse(args.pass_sizes)
+    except ValueError as error:
+        print(f"edm-serve sample: --pass-sizes: {error}", file=sys.stderr)
+        return 2
     if args.class_idx is not None and not net.label_dim:
         print("edm-serve sample: --class given but the model is unconditional", file=sys.stderr)
         return 2
@@ -158,7 +160,7 @@ def sample_main(argv: list[str]) -> int:
     for batch_seeds in tqdm.tqdm(batches, unit="batch", file=sys.stderr):
         if not batch_seeds:
             continue
-        images = generate(net, batch_seeds, [args.class_idx] * len(batch_seeds), settings, chunk=args.chunk)
+        images = generate(net, batch_seeds, [args.class_idx] * len(batch_seeds), settings, pass_sizes=pass_sizes)
         for image in images:
             assert image is not None
             seed = image.seed
