@@ -16,7 +16,7 @@ from service.catalog import Catalog
 from service.ledger import Ledger, connect
 from service.metrics import GatewayMetrics
 from service.middleware import RequestContext
-from service.routes import events, generate, health, jobs, models
+from service.routes import events, generate, health, jobs, models, ui
 from service.settings import GatewaySettings
 from service.version import software_version
 
@@ -68,7 +68,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.key_hashes = frozenset(key_hash(k) for k in settings.api_keys)
     app.state.metrics = GatewayMetrics(lambda: app.state.ledger, list(catalog.models))
     errors.install(app)
-    for module in (generate, jobs, events, models, health):
+    for module in (generate, jobs, events, models, health, ui):
         app.include_router(module.router)
     app.add_middleware(RequestContext, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes)
     return app
