@@ -27,6 +27,7 @@ __all__ = [
     "ARCHITECTURES",
     "CARD_FORMAT_VERSION",
     "PRECONDITIONER_NAMES",
+    "SAMPLER_FIELDS",
     "CardError",
     "ModelCard",
     "load_card",
@@ -37,6 +38,9 @@ CARD_FORMAT_VERSION = 1
 ARCHITECTURES = ("SongUNet", "DhariwalUNet")
 PRECONDITIONER_NAMES = ("VPPrecond", "VEPrecond", "iDDPMPrecond", "EDMPrecond")
 
+# The sampler settings a request may give (service/contract.py SamplerParams; generate.py's options).
+SAMPLER_FIELDS = ("num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise", "solver",
+                  "discretization", "schedule", "scaling")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _INF_STRINGS = {"Infinity": math.inf, "-Infinity": -math.inf}
 
@@ -87,6 +91,9 @@ class ModelCard(BaseModel):
     weights_file: str = Field(description="weights file name, relative to the card's folder")
     provenance: dict[str, Any] = Field(default_factory=dict)
     quality: dict[str, Any] | None = None
+    recommended: dict[str, Any] | None = Field(
+        default=None, description="sampler settings recommended for this model (request field names); a "
+        "request that omits a setting gets the value given here, else the reference's default")
 
     @field_validator("format_version")
     @classmethod
@@ -100,6 +107,17 @@ class ModelCard(BaseModel):
     @classmethod
     def _plain_json(cls, v: dict[str, Any] | None, info: Any) -> dict[str, Any] | None:
         return None if v is None else _json_value(v, info.field_name)
+
+    @field_validator("recommended")
+    @classmethod
+    def _sampler_names(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return None
+        unknown = sorted(set(v) - set(SAMPLER_FIELDS))
+        if unknown:
+            raise ValueError(f"recommended has unknown sampler settings {unknown}; expected some of "
+                             f"{list(SAMPLER_FIELDS)}")
+        return _json_value(v, "recommended")
 
     @field_validator("sigma_min", "sigma_max")
     @classmethod

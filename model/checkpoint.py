@@ -30,16 +30,17 @@ from safetensors.torch import save as safetensors_save
 
 from model.card import CARD_FORMAT_VERSION, CardError, ModelCard, load_card
 from model.nvlabs_pickle import (
+    DEFAULT_MAX_PARAMETERS,
     CheckpointError,
     InertModule,
     NetworkSpec,
+    NodeBudget,
     PersistentRecord,
     Snapshot,
     TensorRef,
     UnsafeCheckpointError,
-    build_precond,
+    build_with_weights,
     load_network_pickle,
-    load_state_dict_strict,
     spec_from_init,
 )
 from model.precond import PRECONDITIONERS, Precond
@@ -80,8 +81,10 @@ def _count_parameters(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-def _jsonable(value: Any, depth: int = 0) -> Any:
+def _jsonable(value: Any, depth: int = 0, budget: NodeBudget | None = None) -> Any:
     """Plain-JSON view of pickle data for provenance (records -> class + init kwargs)."""
+    budget = budget or NodeBudget("the snapshot's metadata")
+    budget.take()
     if depth > 32:
         return "<nested too deeply>"
     if isinstance(value, float) and math.isnan(value):
@@ -89,11 +92,11 @@ def _jsonable(value: Any, depth: int = 0) -> Any:
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, list | tuple):
-        return [_jsonable(v, depth + 1) for v in value]
+        return [_jsonable(v, depth + 1, budget) for v in value]
     if isinstance(value, dict):
-        return {str(k): _jsonable(v, depth + 1) for k, v in value.items()}
+        return {str(k)[:200]: _jsonable(v, depth + 1, budget) for k, v in value.items()}
     if isinstance(value, PersistentRecord):
-        return {"class_name": value.class_name, "init_kwargs": _jsonable(value.init_kwargs, depth + 1)}
+        return {"class_name": value.class_name, "init_kwargs": _jsonable(value.init_kwargs, depth + 1, budget)}
     if isinstance(value, InertModule):
         return {"class_name": value.torch_name}
     if isinstance(value, TensorRef):
@@ -165,6 +168,7 @@ def save_model(
     provenance: dict[str, Any] | None = None,
     quality: dict[str, Any] | None = None,
     init_kwargs: dict[str, Any] | None = None,
+    recommended: dict[str, Any] | None = None,
 ) -> ModelCard:
     """Write ``NAME.safetensors`` + ``NAME.json`` and return the card.
 
@@ -182,7 +186,7 @@ def save_model(
         raise CheckpointError(f"save_model expects one of {sorted(PRECONDITIONERS)}, got {type(net).__qualname__}")
     spec = spec_from_init(kind, None, init_kwargs)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    load_state_dict_strict(build_precond(spec), tensors, source=f"{name} (check of init_kwargs)")
+    build_with_weights(spec, tensors, source=f"{name} (check of init_kwargs)", max_parameters=None)
 
     weights_path, card_path = _out_paths(path, name)
     try:
@@ -190,7 +194,7 @@ def save_model(
     except (RuntimeError, ValueError) as e:
         raise CheckpointError(f"{name}: cannot serialise the weights: {e}") from None
     card = _make_card(
-        net, spec, name=name, class_names=class_names, quality=quality,
+        net, spec, name=name, class_names=class_names, quality=quality, recommended=recommended,
         weights_file=weights_path.name, weights_sha256=hashlib.sha256(blob).hexdigest(),
         provenance={"saved_at": _now(), **(provenance or {})},
     )
@@ -210,7 +214,7 @@ def _read_card(card_path: Path) -> ModelCard:
         raise CheckpointError(str(e)) from None
 
 
-def _load_ours(card_path: Path, device: str | torch.device) -> LoadedModel:
+def _load_ours(card_path: Path, device: str | torch.device, max_parameters: int | None) -> LoadedModel:
     card = _read_card(card_path)
     weights_path = card_path.parent / card.weights_file
     try:
@@ -227,8 +231,8 @@ def _load_ours(card_path: Path, device: str | torch.device) -> LoadedModel:
         raise CheckpointError(f"{weights_path.name}: not a readable safetensors file: {e}") from None
     spec = NetworkSpec(card.preconditioner, card.architecture, dict(card.precond_kwargs),
                        dict(card.network_kwargs))
-    net = build_precond(spec, source=card_path.name)
-    load_state_dict_strict(net, tensors, source=weights_path.name)
+    del blob
+    net = build_with_weights(spec, tensors, source=card_path.name, max_parameters=max_parameters)
     for key in ("img_resolution", "img_channels", "label_dim", "sigma_min", "sigma_max"):
         if getattr(net, key) != getattr(card, key):
             raise CheckpointError(f"{card_path.name}: card says {key} = {getattr(card, key)} but the network "
@@ -248,28 +252,35 @@ def _pickle_provenance(snapshot: Snapshot) -> dict[str, Any]:
         "source_class": snapshot.ema.class_name,
         "source_module_src_sha256": snapshot.ema.module_src_sha256,
     }
+    budget = NodeBudget(f"{snapshot.source}: the snapshot's metadata")
     for key in ("loss_fn", "augment_pipe", "dataset_kwargs"):
         if key in snapshot.data:
-            prov[key] = _jsonable(snapshot.data[key])
+            prov[key] = _jsonable(snapshot.data[key], budget=budget)
     return prov
 
 
-def _load_pickle(path: Path, device: str | torch.device) -> LoadedModel:
-    net, spec, snapshot = load_network_pickle(path)
+def _load_pickle(path: Path, device: str | torch.device, max_parameters: int | None = DEFAULT_MAX_PARAMETERS,
+                 expected_sha256: str | None = None) -> LoadedModel:
+    net, spec, snapshot = load_network_pickle(path, max_parameters=max_parameters)
+    if expected_sha256 is not None and snapshot.sha256 != expected_sha256:
+        raise CheckpointError(f"{path.name}: sha256 {snapshot.sha256} is not the {expected_sha256} it was "
+                              "downloaded with; the file changed in the cache")
     card = _make_card(net, spec, name=_name_from_stem(path.stem), weights_file=path.name,
                       weights_sha256=snapshot.sha256, provenance=_pickle_provenance(snapshot))
     return LoadedModel(_finish(net, spec, device), card)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(path: str | Path, device: str | torch.device = "cpu", *,
+               max_parameters: int | None = DEFAULT_MAX_PARAMETERS) -> LoadedModel:
     """Load our ``.json`` card (or its ``.safetensors``) or an NVlabs ``.pkl``; the network comes back
-    in eval mode with requires_grad False, on `device`."""
+    in eval mode with requires_grad False, on `device`. A file whose network has more than
+    `max_parameters` weights is refused before the network is built."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     suffix = path.suffix.lower()
     if suffix == ".json":
-        return _load_ours(path, device)
+        return _load_ours(path, device, max_parameters)
     if suffix == ".safetensors":
         card_path = path.with_suffix(".json")
         if not card_path.is_file():
@@ -277,9 +288,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         card = _read_card(card_path)
         if card.weights_file != path.name:
             raise CheckpointError(f"{card_path.name} describes {card.weights_file}, not {path.name}")
-        return _load_ours(card_path, device)
+        return _load_ours(card_path, device, max_parameters)
     if suffix in PICKLE_SUFFIXES:
-        return _load_pickle(path, device)
+        return _load_pickle(path, device, max_parameters)
     raise CheckpointError(f"{path.name}: unknown checkpoint type; expected .json, .safetensors or .pkl")
 
 
@@ -290,12 +301,18 @@ def convert(
     name: str | None = None,
     class_names: list[str] | None = None,
     provenance: dict[str, Any] | None = None,
+    recommended: dict[str, Any] | None = None,
+    max_parameters: int | None = DEFAULT_MAX_PARAMETERS,
+    expected_sha256: str | None = None,
 ) -> ModelCard:
-    """NVlabs pickle -> our format (see save_model for `out`); provenance records the source file."""
-    loaded = _load_pickle(Path(pkl), "cpu")
+    """NVlabs pickle -> our format (see save_model for `out`); provenance records the source file.
+
+    expected_sha256: refuse unless the bytes read are exactly these (a download's digest)."""
+    loaded = _load_pickle(Path(pkl), "cpu", max_parameters, expected_sha256)
     prov = {**loaded.card.provenance, "converted_at": _now(), **(provenance or {})}
     return save_model(loaded.net, out, name=name or loaded.card.name, class_names=class_names,
-                      provenance=prov, init_kwargs=getattr(loaded.net, "init_kwargs"))  # noqa: B009
+                      provenance=prov, init_kwargs=getattr(loaded.net, "init_kwargs"),  # noqa: B009
+                      recommended=recommended)
 
 
 def inspect(path: str | Path) -> dict[str, Any]:

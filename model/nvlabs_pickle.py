@@ -47,6 +47,7 @@ import inspect
 import io
 import pickle
 import re
+import reprlib
 import struct
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -56,11 +57,14 @@ from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
+import torch.utils._device  # noqa: F401 - _ClaimsOnly uses its list of factory functions
 
 from model.networks import NETWORKS
 from model.precond import PRECONDITIONERS, Precond
 
 __all__ = [
+    "DEFAULT_MAX_PARAMETERS",
+    "MAX_NODES",
     "CheckpointError",
     "InertModule",
     "NetworkSpec",
@@ -69,6 +73,8 @@ __all__ = [
     "TensorRef",
     "UnsafeCheckpointError",
     "build_precond",
+    "build_with_weights",
+    "show",
     "collect_state_dict",
     "load_network_pickle",
     "load_state_dict_strict",
@@ -79,10 +85,40 @@ __all__ = [
 PERSISTENCE_VERSION = 6
 _MAX_LISTED = 12  # keys listed in an error message
 _MAX_DEPTH = 64   # nesting of modules / init arguments
+# Work bounds for whatever a file holds. Unpickling itself is linear in the file's size (every
+# opcode builds at most one object; shared references cost nothing); what can expand is walking
+# the result as a tree (shared references visited again and again, 2**depth times) and hashing
+# nested tuples (dict keys, set members). So every walk of file data draws on a node budget, and
+# keys and set members must be flat.
+MAX_NODES = 200_000            # nodes visited per walk (init arguments, provenance, module tree)
+_SMALL_BYTES = 1 << 16         # bytes objects larger than this are not kept in the unpickler's memo
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file."""
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
+_REPR.maxtuple = _REPR.maxlist = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 6
+
+
+def show(value: Any) -> str:
+    """A bounded repr of file data for error messages (a plain repr of shared references expands)."""
+    return _REPR.repr(value)
+
+
+class NodeBudget:
+    """Counts the nodes a walk of file data visits; past `limit` the file is refused."""
+
+    def __init__(self, what: str, limit: int = MAX_NODES) -> None:
+        self.what, self.limit, self.used = what, limit, 0
+
+    def take(self, n: int = 1) -> None:
+        self.used += n
+        if self.used > self.limit:
+            raise CheckpointError(f"{self.what}: more than {self.limit} nodes once shared references are "
+                                  "followed; refusing a structure that expands")
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -184,7 +220,7 @@ class _NumpyDtype:
 
     def __setstate__(self, state: Any) -> None:
         if not isinstance(state, tuple) or len(state) < 2 or state[1] not in ("<", ">", "|", "="):
-            raise UnsafeCheckpointError(f"unexpected numpy dtype state {state!r:.80}")
+            raise UnsafeCheckpointError(f"unexpected numpy dtype state {show(state)}")
         self.byteorder = state[1]
 
 
@@ -245,11 +281,11 @@ class _LegacyUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> _StorageRef:
         if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
-            raise UnsafeCheckpointError(f"unexpected persistent id in a tensor storage: {pid!r:.80}")
+            raise UnsafeCheckpointError(f"unexpected persistent id in a tensor storage: {show(pid)}")
         _, storage_type, key, location, numel, view = pid
         if not (isinstance(storage_type, _StorageType) and isinstance(key, str) and isinstance(location, str)
                 and isinstance(numel, int) and numel >= 0 and view is None):
-            raise UnsafeCheckpointError(f"unexpected storage reference {pid!r:.80}")
+            raise UnsafeCheckpointError(f"unexpected storage reference {show(pid)}")
         ref = _StorageRef(key, storage_type.dtype, numel)
         if self.refs.setdefault(key, ref) != ref:
             raise CheckpointError(f"storage {key} declared twice")
@@ -281,10 +317,12 @@ def _parse_legacy_storage(data: Any) -> _Storage:
     itemsize = torch.empty((), dtype=ref.dtype).element_size()
     if count != ref.numel:
         raise CheckpointError(f"tensor storage declares {ref.numel} elements but holds {count}")
-    raw = f.read(count * itemsize)
-    if len(raw) != count * itemsize or f.read(1):
+    start, nbytes = f.tell(), count * itemsize
+    if start + nbytes != len(data):
         raise CheckpointError("tensor storage payload is truncated or has trailing bytes")
-    flat = torch.frombuffer(bytearray(raw), dtype=ref.dtype) if raw else torch.empty(0, dtype=ref.dtype)
+    flat = torch.empty(count, dtype=ref.dtype)  # one copy, straight from the pickle's bytes
+    if nbytes:
+        flat.view(torch.uint8).numpy()[:] = np.frombuffer(data, dtype=np.uint8, count=nbytes, offset=start)
     return _Storage(flat)
 
 
@@ -334,8 +372,8 @@ def _reconstructor(cls: Any, base: Any, state: Any = None) -> Any:
     """``copyreg._reconstructor`` (protocol 0/1 object creation), for our stand-ins only."""
     if isinstance(cls, type) and issubclass(cls, InertModule) and base is object and state is None:
         return cls.__new__(cls)
-    if cls is dict and base is dict:  # an EasyDict in protocol 0/1
-        return dict(state or {})
+    if cls is dict and base in (dict, _dict):  # an EasyDict in protocol 0/1 ("builtins.dict" is _dict)
+        return _dict(state or {})
     raise UnsafeCheckpointError("copyreg._reconstructor with arguments outside the allow-list")
 
 
@@ -353,7 +391,7 @@ def _reconstruct_persistent(meta: Any) -> PersistentRecord:
     if version != PERSISTENCE_VERSION:
         raise CheckpointError(f"persistent object format version {version!r} (expected {PERSISTENCE_VERSION})")
     if not isinstance(class_name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]{0,200}", class_name):
-        raise CheckpointError(f"persistent object with bad class name {class_name!r:.80}")
+        raise CheckpointError(f"persistent object with bad class name {show(class_name)}")
     if not isinstance(state, dict):
         raise CheckpointError(f"persistent object {class_name} has no state dict")
     args, kwargs = state.get("_init_args"), state.get("_init_kwargs")
@@ -371,17 +409,51 @@ def _reconstruct_persistent(meta: Any) -> PersistentRecord:
     )
 
 
+def _flat_key(value: Any) -> bool:
+    """Dict keys and set members: atoms or short tuples of atoms (hashing nested tuples expands)."""
+    atoms = (str, bytes, int, float, bool, type(None))
+    return isinstance(value, atoms) or (isinstance(value, tuple) and len(value) <= 16
+                                        and all(isinstance(v, atoms) for v in value))
+
+
+def _check_keys(values: Any, what: str) -> None:
+    for value in values:
+        if not _flat_key(value):
+            raise UnsafeCheckpointError(f"{what} {show(value)} is not a plain key")
+
+
+def _set(items: Any = ()) -> set[Any]:
+    items = list(items)
+    _check_keys(items, "set member")
+    return set(items)
+
+
+def _frozenset(items: Any = ()) -> frozenset[Any]:
+    return frozenset(_set(items))
+
+
+def _dict(items: Any = ()) -> dict[Any, Any]:
+    pairs = list(items.items()) if isinstance(items, dict) else list(items)
+    _check_keys((k for k, _ in pairs), "dict key")
+    return dict(pairs)
+
+
+class _OrderedDictFromFile(_OrderedDict):
+    def __init__(self, items: Any = ()) -> None:
+        super().__init__(_dict(items))
+
+
 _ALLOWED: dict[str, Any] = {
     "torch_utils.persistence._reconstruct_persistent_obj": _reconstruct_persistent,
     "torch._utils._rebuild_tensor_v2": _rebuild_tensor,
     "torch._utils._rebuild_parameter": _rebuild_parameter,
     "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
     "torch.storage._load_from_bytes": _parse_legacy_storage,
-    "collections.OrderedDict": _OrderedDict,
-    "builtins.set": set,
-    "builtins.frozenset": frozenset,
+    "collections.OrderedDict": _OrderedDictFromFile,
+    "builtins.set": _set,
+    "builtins.frozenset": _frozenset,
     "builtins.object": object,
-    "builtins.dict": dict,
+    "builtins.dict": _dict,
     "copyreg._reconstructor": _reconstructor,
     "_codecs.encode": _latin1_bytes,
     "dnnlib.util.EasyDict": dict,
@@ -394,7 +466,85 @@ _ALLOWED: dict[str, Any] = {
 _PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 
-class _SafeUnpickler(pickle.Unpickler):
+class _Dropped:
+    """What the memo keeps instead of a large bytes payload: network pickles never refer to one twice."""
+
+    def __repr__(self) -> str:
+        return "<payload dropped from the memo>"
+
+
+_DROPPED = _Dropped()
+
+
+def _memo_value(value: Any) -> Any:
+    if isinstance(value, bytes) and len(value) > _SMALL_BYTES:
+        return _DROPPED
+    if isinstance(value, tuple) and len(value) <= 8 and any(
+            isinstance(v, bytes) and len(v) > _SMALL_BYTES for v in value):
+        return _DROPPED
+    return value
+
+
+_PyUnpickler: Any = pickle._Unpickler  # type: ignore[attr-defined]  # the pure-Python implementation
+
+
+class _SafeUnpickler(_PyUnpickler):
+    """The pure-Python unpickler, so that every opcode that could expand can be checked: dict keys
+    and set members must be flat (``_flat_key``); large byte payloads (tensor storages) are not kept
+    in the memo, so each is freed once its tensor is built (peak memory about 1x the weights)."""
+
+    dispatch = dict(_PyUnpickler.dispatch)
+
+    def _put(self, index: Any) -> None:
+        self.memo[index] = _memo_value(self.stack[-1])
+
+    def load_put(self) -> None:
+        index = int(self.readline()[:-1])
+        if index < 0:
+            raise pickle.UnpicklingError("negative PUT argument")
+        self._put(index)
+
+    def load_binput(self) -> None:
+        self._put(self.read(1)[0])
+
+    def load_long_binput(self) -> None:
+        (index,) = struct.unpack("<I", self.read(4))
+        self._put(index)
+
+    def load_memoize(self) -> None:
+        self._put(len(self.memo))
+
+    def load_setitem(self) -> None:
+        value = self.stack.pop()
+        key = self.stack.pop()
+        _check_keys((key,), "dict key")
+        self.stack[-1][key] = value
+
+    def load_setitems(self) -> None:
+        items = self.pop_mark()
+        _check_keys(items[0::2], "dict key")
+        target = self.stack[-1]
+        for i in range(0, len(items) - 1, 2):
+            target[items[i]] = items[i + 1]
+
+    def load_additems(self) -> None:
+        items = self.pop_mark()
+        _check_keys(items, "set member")
+        target = self.stack[-1]
+        if not isinstance(target, set):
+            raise UnsafeCheckpointError(f"ADDITEMS on a {type(target).__name__}")
+        target.update(items)
+
+    def load_frozenset(self) -> None:
+        self.append(_frozenset(self.pop_mark()))
+
+    for _op, _fn in ((pickle.PUT, load_put), (pickle.BINPUT, load_binput), (pickle.LONG_BINPUT, load_long_binput),
+                     (pickle.MEMOIZE, load_memoize), (pickle.SETITEM, load_setitem),
+                     (pickle.SETITEMS, load_setitems), (pickle.ADDITEMS, load_additems),
+                     (pickle.FROZENSET, load_frozenset)):
+        dispatch[_op[0]] = _fn
+    del _op, _fn
+
     def find_class(self, module: str, name: str) -> Any:
         qualname = f"{_PY2_MODULES.get(module, module)}.{name}"
         try:
@@ -421,44 +571,85 @@ class Snapshot:
     sha256: str        # of the whole file
 
 
+class _HashingReader:
+    """The file as the unpickler reads it, hashed on the way (the digest covers exactly the bytes parsed)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.h = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.h.update(data)
+        return data
+
+    def readline(self) -> bytes:
+        data = self.f.readline()
+        self.h.update(data)
+        return data
+
+    def readinto(self, buf: Any) -> int:
+        n = self.f.readinto(buf)
+        self.h.update(memoryview(buf)[:n])
+        return n
+
+    def finish(self) -> str:
+        """Hash whatever follows the pickle too, and return the digest of the whole file."""
+        for chunk in iter(lambda: self.f.read(1 << 20), b""):
+            self.h.update(chunk)
+        return self.h.hexdigest()
+
+
 def read_snapshot(path: str | Path) -> Snapshot:
-    """Unpickle a network snapshot into inert records; raises CheckpointError / UnsafeCheckpointError."""
+    """Unpickle a network snapshot into inert records; raises CheckpointError / UnsafeCheckpointError.
+
+    The file is streamed (never held whole in memory) and hashed as it is read."""
     path = Path(path)
     try:
-        blob = path.read_bytes()
+        with open(path, "rb") as f:
+            return _read(f, source=path.name)
     except OSError as e:
         raise CheckpointError(f"{path.name}: cannot read: {e}") from e
-    return read_snapshot_bytes(blob, source=path.name)
 
 
 def read_snapshot_bytes(blob: bytes, *, source: str = "<bytes>") -> Snapshot:
-    if not blob:
+    return _read(io.BytesIO(blob), source=source)
+
+
+def _read(f: Any, *, source: str) -> Snapshot:
+    head = f.read(4)
+    if not head:
         raise CheckpointError(f"{source}: empty file, not a network pickle")
-    if blob.startswith(b"PK\x03\x04"):
+    if head == b"PK\x03\x04":
         raise CheckpointError(f"{source}: a zip archive (torch.save's format?), not a network snapshot pickle")
+    f.seek(0)
+    reader = _HashingReader(f)
     try:
-        data = _SafeUnpickler(io.BytesIO(blob)).load()
+        data = _SafeUnpickler(reader).load()
     except CheckpointError as e:
         raise type(e)(f"{source}: {e}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
             RuntimeError, struct.error, OverflowError, MemoryError, RecursionError) as e:
-        raise CheckpointError(f"{source}: corrupt or truncated pickle ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{source}: corrupt or truncated pickle ({type(e).__name__}: {show(e)})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{source}: a network snapshot is a dict, this pickle holds a {type(data).__name__}")
     if "ema" not in data:
-        raise CheckpointError(f"{source}: no 'ema' network in the snapshot (keys: {sorted(map(str, data))})")
+        keys = sorted(show(k) for k in list(data)[:_MAX_LISTED])
+        raise CheckpointError(f"{source}: no 'ema' network in the snapshot (keys: {keys})")
     ema = data["ema"]
     if not isinstance(ema, PersistentRecord):
         raise CheckpointError(f"{source}: 'ema' is not a persistent NVlabs network object")
-    return Snapshot(data=data, ema=ema, source=source, sha256=hashlib.sha256(blob).hexdigest())
+    return Snapshot(data=data, ema=ema, source=source, sha256=reader.finish())
 
 
 def collect_state_dict(record: PersistentRecord | InertModule) -> dict[str, torch.Tensor]:
     """The state_dict the real module would have: parameters, persistent buffers, then children."""
     out: dict[str, torch.Tensor] = {}
+    budget = NodeBudget("the module tree")
 
     def visit(obj: Any, prefix: str, path: tuple[int, ...]) -> None:
         where = prefix.rstrip(".") or "(root)"
+        budget.take()
         if not isinstance(obj, PersistentRecord | InertModule):
             raise CheckpointError(f"submodule {where} is a {type(obj).__name__}, not a module")
         if id(obj) in path:
@@ -471,9 +662,10 @@ def collect_state_dict(record: PersistentRecord | InertModule) -> dict[str, torc
             entries = state.get(slot, {})
             if not isinstance(entries, dict):
                 raise CheckpointError(f"{where}: {slot} is a {type(entries).__name__}")
+            budget.take(len(entries))
             for name, value in entries.items():
                 if not isinstance(name, str) or not name or "." in name:
-                    raise CheckpointError(f"{where}: bad entry name {name!r:.80} in {slot}")
+                    raise CheckpointError(f"{where}: bad entry name {show(name)} in {slot}")
                 if value is None or (slot == "_buffers" and name in skip):
                     continue
                 if slot == "_modules":
@@ -505,18 +697,20 @@ class NetworkSpec:
         return {**self.precond_kwargs, "model_type": self.architecture, **self.network_kwargs}
 
 
-def _plain(value: Any, where: str, depth: int = 0) -> Any:
-    """Init arguments must be plain data (no tensors, no records)."""
+def _plain(value: Any, where: str, depth: int = 0, budget: NodeBudget | None = None) -> Any:
+    """Init arguments must be plain data (no tensors, no records), and not expand when copied."""
+    budget = budget or NodeBudget(where)
+    budget.take()
     if depth > _MAX_DEPTH:
         raise CheckpointError(f"{where} is nested too deeply")
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, tuple | list):
-        return [_plain(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+        return [_plain(v, f"{where}[{i}]", depth + 1, budget) for i, v in enumerate(value)]
     if isinstance(value, dict):
         if not all(isinstance(k, str) for k in value):
             raise CheckpointError(f"{where} has non-string keys")
-        return {k: _plain(v, f"{where}[{k!r}]", depth + 1) for k, v in value.items()}
+        return {k: _plain(v, f"{where}[{k[:40]!r}]", depth + 1, budget) for k, v in value.items()}
     raise CheckpointError(f"{where} is a {type(value).__name__}, expected plain data")
 
 
@@ -542,8 +736,9 @@ def spec_from_init(preconditioner: str, args: list[Any] | tuple[Any, ...] | None
             raise CheckpointError(f"{where}too many positional arguments for {preconditioner}")
         else:
             precond_kwargs[name] = value
-    precond_kwargs = _plain(precond_kwargs, f"{where}{preconditioner} argument")
-    network_kwargs = _plain(network_kwargs, f"{where}network argument")
+    budget = NodeBudget(f"{where}the constructor arguments")
+    precond_kwargs = _plain(precond_kwargs, f"{where}{preconditioner} argument", budget=budget)
+    network_kwargs = _plain(network_kwargs, f"{where}network argument", budget=budget)
     model_type = precond_kwargs.pop("model_type", sig.parameters["model_type"].default)
     if model_type not in NETWORKS:
         raise CheckpointError(f"{where}unknown model_type {model_type!r}; expected one of {sorted(NETWORKS)}")
@@ -570,6 +765,83 @@ def build_precond(spec: NetworkSpec, *, source: str = "") -> Precond:
                               f"{spec.init_kwargs()}: {type(e).__name__}: {e}") from None
 
 
+DEFAULT_MAX_PARAMETERS = 1_000_000_000  # elements of a network's state_dict (4 GB in fp32)
+_CONSTRUCTION_CALLS = 500_000            # torch calls a network's constructor may make
+_REAL_TENSOR_ELEMENTS = 1 << 16          # factory results up to this size are real; larger ones meta
+_REAL_TOTAL_ELEMENTS = 1 << 24           # all real tensors made while constructing, together
+
+
+class _ClaimsOnly(torch.overrides.TorchFunctionMode):
+    """While a network is constructed from claimed arguments: large tensors are created on the meta
+    device (no memory, no random init), small ones for real (the preconditioners compute scalars in
+    their constructors); the number of torch calls and of real elements are bounded."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+        self.calls = 0
+        self.real_elements = 0
+        self.constructors = torch.utils._device._device_constructors()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        self.calls += 1
+        if self.calls > _CONSTRUCTION_CALLS:
+            raise CheckpointError(f"{self.where}constructing the network takes more than {_CONSTRUCTION_CALLS} "
+                                  "torch calls; refusing what the file claims")
+        if func in self.constructors and kwargs.get("device") is None:
+            probe = func(*args, **{**kwargs, "device": "meta"})
+            if isinstance(probe, torch.Tensor):
+                if probe.numel() > _REAL_TENSOR_ELEMENTS:
+                    return probe
+                self.real_elements += probe.numel()
+                if self.real_elements > _REAL_TOTAL_ELEMENTS:
+                    raise CheckpointError(f"{self.where}the network's constructor allocates more than "
+                                          f"{_REAL_TOTAL_ELEMENTS} elements in small tensors")
+        return func(*args, **kwargs)
+
+
+def _expected_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in net.state_dict(keep_vars=True).items()}
+
+
+def build_with_weights(spec: NetworkSpec, tensors: Mapping[str, torch.Tensor], *, source: str = "",
+                       max_parameters: int | None = DEFAULT_MAX_PARAMETERS) -> Precond:
+    """Our network for `spec`, holding exactly `tensors` (no copy, no random initialisation).
+
+    Bounded before anything large is allocated: the file's tensors must not exceed `max_parameters`
+    elements; the constructor runs under ``_ClaimsOnly`` (weights on the meta device, torch calls
+    counted); the claimed network must then have exactly the file's keys, shapes and dtypes, so a
+    file cannot make us build more than it carries. The tensors are then assigned as the weights.
+    """
+    where = f"{source}: " if source else ""
+    carried = sum(t.numel() for t in tensors.values())
+    if max_parameters is not None and carried > max_parameters:
+        raise CheckpointError(f"{where}the file carries {carried} weights, over the limit of {max_parameters} "
+                              "(EDM_MAX_PARAMETERS)")
+    if spec.preconditioner not in PRECONDITIONERS or spec.architecture not in NETWORKS:
+        raise CheckpointError(f"{where}unknown network {spec.preconditioner}/{spec.architecture}")
+    try:
+        with torch.no_grad(), _ClaimsOnly(where):
+            net = PRECONDITIONERS[spec.preconditioner](**spec.init_kwargs())
+    except CheckpointError:
+        raise
+    except Exception as e:  # whatever the constructor objects to, the checkpoint is at fault
+        raise CheckpointError(f"{where}cannot construct {spec.preconditioner} with "
+                              f"{show(spec.init_kwargs())}: {type(e).__name__}: {show(e)}") from None
+    expected = _expected_state(net)
+    claimed = sum(v.numel() for v in expected.values())
+    if max_parameters is not None and claimed > max_parameters:
+        raise CheckpointError(f"{where}the network claims {claimed} weights, over the limit of {max_parameters} "
+                              "(EDM_MAX_PARAMETERS)")
+    _check_layout(type(net).__name__, expected, tensors, where)
+    net.load_state_dict(dict(tensors), strict=True, assign=True)
+    left = [k for k, v in (*net.named_parameters(), *net.named_buffers()) if v.is_meta]
+    if left:
+        raise CheckpointError(f"{where}no weights in the file for {_listing(left)}")
+    return net
+
+
 def _listing(keys: list[str]) -> str:
     more = f" (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
     return ", ".join(k[:200] for k in keys[:_MAX_LISTED]) + more
@@ -579,7 +851,12 @@ def load_state_dict_strict(net: torch.nn.Module, tensors: Mapping[str, torch.Ten
                            source: str = "") -> None:
     """Copy `tensors` into `net`; any missing/unexpected key, shape or dtype mismatch is an error."""
     where = f"{source}: " if source else ""
-    expected = net.state_dict()
+    _check_layout(type(net).__name__, net.state_dict(), tensors, where)
+    net.load_state_dict(dict(tensors), strict=True)
+
+
+def _check_layout(kind: str, expected: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor],
+                  where: str) -> None:
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
     problems = []
@@ -596,15 +873,14 @@ def load_state_dict_strict(net: torch.nn.Module, tensors: Mapping[str, torch.Ten
     if dtypes:
         problems.append(f"dtype mismatch (file vs network): {_listing(dtypes)}")
     if problems:
-        raise CheckpointError(f"{where}weights do not fit {type(net).__name__}: " + "; ".join(problems))
-    net.load_state_dict(dict(tensors), strict=True)
+        raise CheckpointError(f"{where}weights do not fit {kind}: " + "; ".join(problems))
 
 
-def load_network_pickle(path: str | Path) -> tuple[Precond, NetworkSpec, Snapshot]:
+def load_network_pickle(path: str | Path, *, max_parameters: int | None = DEFAULT_MAX_PARAMETERS,
+                        ) -> tuple[Precond, NetworkSpec, Snapshot]:
     """Read an NVlabs snapshot and return (our network with its weights, its spec, the snapshot)."""
     snapshot = read_snapshot(path)
     spec = spec_from_record(snapshot.ema, source=snapshot.source)
     tensors = collect_state_dict(snapshot.ema)
-    net = build_precond(spec, source=snapshot.source)
-    load_state_dict_strict(net, tensors, source=snapshot.source)
+    net = build_with_weights(spec, tensors, source=snapshot.source, max_parameters=max_parameters)
     return net, spec, snapshot

@@ -55,6 +55,12 @@ class CommonSettings(BaseSettings):
     result_ttl_s: int = Field(default=3600, gt=0, description="how long finished jobs and their PNGs are kept")
     failure_ttl_s: int = Field(default=86400, gt=0, description="how long failed and cancelled jobs are kept")
     log_level: str = "INFO"
+    cache_dir: Path | None = Field(default=None, description="downloaded and converted models; default "
+                                   "$XDG_CACHE_HOME/edm-serve or ~/.cache/edm-serve")
+    allow_http: bool = Field(default=False, description="allow plain http:// model downloads")
+    max_download_bytes: int = Field(default=4 << 30, gt=0, description="largest model download")
+    max_parameters: int = Field(default=1_000_000_000, gt=0, description="largest network (weights) a "
+                                "checkpoint may hold or claim; larger ones are refused before they are built")
 
     _parse_models = field_validator("models", mode="before")(parse_models)
 
