@@ -1,8 +1,12 @@
-"""`edm-serve sample | inspect | convert`: the reference's generate.py, and checkpoint tools.
+"""`edm-serve sample | inspect | convert | models | pull`: the reference's generate.py, and checkpoint tools.
 
 `sample` takes the options of NVlabs generate.py with the same names and meanings (--model in
 place of --network) and writes the same files: given the same pickle and options on the same
 device type, the same PNG bytes. Unlike the reference it also runs on the CPU.
+
+Every model argument is a source (model/sources.py): a local file, a catalogue name or an https://
+URL (optionally ``#sha256=HEX``). Downloads go to EDM_CACHE_DIR (or --cache-dir) with a progress
+bar; EDM_ALLOW_HTTP, EDM_MAX_DOWNLOAD_BYTES and EDM_MAX_PARAMETERS apply as in the service.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import math
 import os
 import re
 import sys
+from typing import Any
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
@@ -82,6 +87,74 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
                         help="network precision; auto = the checkpoint's choice (fp16 on CUDA if trained so)")
 
 
+def add_source_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model sources (a path, a catalogue name or an https:// URL)")
+    g.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="download cache [EDM_CACHE_DIR; default ~/.cache/edm-serve]")
+    g.add_argument("--allow-http", action="store_true", default=None,
+                   help="allow plain http:// downloads [EDM_ALLOW_HTTP]")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    return int(text) if text else default
+
+
+def source_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Cache and limits for model sources: options, else the service's EDM_* variables."""
+    from pathlib import Path
+
+    from model.download import DEFAULT_MAX_DOWNLOAD_BYTES, default_cache_dir
+    from model.nvlabs_pickle import DEFAULT_MAX_PARAMETERS
+
+    cache = getattr(args, "cache_dir", None) or os.environ.get("EDM_CACHE_DIR") or default_cache_dir()
+    allow_http = getattr(args, "allow_http", None)
+    return dict(cache_dir=Path(cache), allow_http=_env_flag("EDM_ALLOW_HTTP") if allow_http is None else allow_http,
+                max_bytes=_env_int("EDM_MAX_DOWNLOAD_BYTES", DEFAULT_MAX_DOWNLOAD_BYTES),
+                max_parameters=_env_int("EDM_MAX_PARAMETERS", DEFAULT_MAX_PARAMETERS))
+
+
+class _Bar:
+    """A tqdm bar for one download, opened on the first report."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int | None) -> None:
+        import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm.tqdm(total=total, initial=done, unit="B", unit_scale=True, unit_divisor=1024,
+                                 desc=self.label, file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def local_model(text: str, args: argparse.Namespace) -> str:
+    """A model source -> a local checkpoint file (downloaded and converted into the cache if remote)."""
+    from model.sources import materialize, parse_source
+
+    source = parse_source(text)
+    if source.url is None:
+        return text
+    opts = source_options(args)
+    bar = _Bar(source.name)
+    try:
+        path = materialize(source, opts["cache_dir"], allow_http=opts["allow_http"], max_bytes=opts["max_bytes"],
+                           max_parameters=opts["max_parameters"], progress=bar)
+    finally:
+        bar.close()
+    return str(path)
+
+
 def settings_from_args(args: argparse.Namespace):
     from model.samplers import SamplerSettings
 
@@ -110,7 +183,9 @@ def sample_main(argv: list[str]) -> int:
         description="Generate images with an EDM checkpoint (NVlabs pickle or our safetensors + card).",
         epilog="example: edm-serve sample --model model/bundled/edm-digits-8x8-cond.json --seeds 0-63 --outdir out",
     )
-    parser.add_argument("--model", required=True, metavar="PATH", help="checkpoint: .pkl, .json card or .safetensors")
+    parser.add_argument("--model", required=True, metavar="SOURCE",
+                        help="checkpoint: .pkl, .json card or .safetensors; a catalogue name (edm-serve models); "
+                             "or an https:// URL")
     parser.add_argument("--outdir", required=True, metavar="DIR", help="where to save the output images")
     parser.add_argument("--seeds", type=parse_int_list, default=parse_int_list("0-63"), metavar="LIST",
                         help="random seeds, e.g. 1,2,5-10 [default: 0-63]")
@@ -123,6 +198,7 @@ def sample_main(argv: list[str]) -> int:
                              "default for the device: CPU any count from 4, CUDA 8,16,32,64), 'N+' or 'A,B,C'")
     add_sampler_options(parser)
     add_device_options(parser)
+    add_source_options(parser)
     args = parser.parse_args(argv)
 
     import torch
@@ -134,7 +210,7 @@ def sample_main(argv: list[str]) -> int:
     settings = settings_from_args(args)
     try:
         settings.validate()
-        loaded, device = load_for_sampling(args.model, args.device, args.dtype)
+        loaded, device = load_for_sampling(local_model(args.model, args), args.device, args.dtype)
     except (ValueError, OSError) as error:
         print(f"edm-serve sample: {error}", file=sys.stderr)
         return 2
@@ -174,12 +250,14 @@ def sample_main(argv: list[str]) -> int:
 
 def inspect_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="edm-serve inspect", description="Print a checkpoint's model card as JSON.")
-    parser.add_argument("path", help="checkpoint: .pkl, .json card or .safetensors")
+    parser.add_argument("path", metavar="SOURCE", help="checkpoint: .pkl, .json card or .safetensors; a catalogue "
+                        "name or an https:// URL (downloaded and converted into the cache)")
+    add_source_options(parser)
     args = parser.parse_args(argv)
     from model.checkpoint import inspect
 
     try:
-        card = inspect(args.path)
+        card = inspect(local_model(args.path, args))
     except (ValueError, OSError) as error:
         print(f"edm-serve inspect: {error}", file=sys.stderr)
         return 2
@@ -189,16 +267,82 @@ def inspect_main(argv: list[str]) -> int:
 
 def convert_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="edm-serve convert",
-                                     description="Convert an NVlabs network pickle to safetensors + JSON model card.")
-    parser.add_argument("pkl", help="NVlabs network-snapshot pickle")
+                                     description="Convert an NVlabs pickle to safetensors + JSON model card.")
+    parser.add_argument("pkl", metavar="SOURCE", help="NVlabs network-snapshot pickle: a path, a catalogue name or "
+                        "an https:// URL")
     parser.add_argument("out", help="NAME.json (writes NAME.json + NAME.safetensors beside it) or a folder")
+    add_source_options(parser)
     args = parser.parse_args(argv)
     from model.checkpoint import convert
+    from model.sources import conversion_options, download, parse_source
 
     try:
-        card = convert(args.pkl, args.out)
+        source = parse_source(args.pkl)
+        if source.url is None:
+            card = convert(args.pkl, args.out, max_parameters=source_options(args)["max_parameters"])
+        else:
+            opts = source_options(args)
+            bar = _Bar(source.name)
+            try:
+                got = download(source, opts["cache_dir"], allow_http=opts["allow_http"], max_bytes=opts["max_bytes"],
+                               progress=bar)
+            finally:
+                bar.close()
+            card = convert(got.path, args.out, max_parameters=opts["max_parameters"],
+                           **conversion_options(source, got))
     except (ValueError, OSError) as error:
         print(f"edm-serve convert: {error}", file=sys.stderr)
         return 2
     print(json.dumps(card.model_dump(mode="json") if hasattr(card, "model_dump") else card, indent=2))
     return 0
+
+
+def models_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="edm-serve models",
+                                     description="The official EDM checkpoints by name; * = in the cache.")
+    parser.add_argument("--json", action="store_true", help="one JSON object per model, with URL and settings")
+    add_source_options(parser)
+    args = parser.parse_args(argv)
+    from model.catalogue import CATALOGUE
+    from model.download import cached_download
+    from model.sources import cached_card_path, parse_source
+
+    cache = source_options(args)["cache_dir"]
+    rows = []
+    for entry in CATALOGUE.values():
+        source = parse_source(entry.name)
+        converted = cached_card_path(source, cache) if source.url else None
+        state = "converted" if converted else ("downloaded" if cached_download(cache, entry.url) else "")
+        rows.append((entry, state, converted))
+    if args.json:
+        for entry, state, converted in rows:
+            print(json.dumps({**entry.describe(), "cached": state or None,
+                              "card": str(converted) if converted else None}))
+        return 0
+    print(f"{'':2}{'name':<34} {'res':>5} {'classes':>7} {'params':>7}  {'precond':<12} recommended")
+    for entry, state, _ in rows:
+        rec = " ".join(f"{k}={v}" for k, v in entry.recommended.items())
+        mark = "*" if state == "converted" else ("+" if state else " ")
+        print(f"{mark:2}{entry.name:<34} {entry.img_resolution:>5} {entry.label_dim or '-':>7} "
+              f"{entry.parameters / 1e6:>6.1f}M  {entry.preconditioner:<12} {rec}")
+    print(f"\n* cached and converted, + downloaded (converted on first load); cache: {cache}", file=sys.stderr)
+    return 0
+
+
+def pull_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="edm-serve pull",
+                                     description="Download models into the cache and convert them, ahead of time.")
+    parser.add_argument("sources", nargs="+", metavar="NAME|URL",
+                        help="catalogue names or https:// URLs (NAME#sha256=HEX pins the digest)")
+    add_source_options(parser)
+    args = parser.parse_args(argv)
+    status = 0
+    for text in args.sources:
+        try:
+            path = local_model(text, args)
+        except (ValueError, OSError) as error:
+            print(f"edm-serve pull: {error}", file=sys.stderr)
+            status = 2
+            continue
+        print(path)
+    return status

@@ -27,6 +27,7 @@ from model.card import CardError, ModelCard, load_card
 from model.catalogue import CatalogueEntry, lookup
 from model.download import (
     DEFAULT_MAX_DOWNLOAD_BYTES,
+    Downloaded,
     DownloadError,
     IntegrityError,
     Progress,
@@ -37,7 +38,8 @@ from model.download import (
     locked,
 )
 
-__all__ = ["Source", "SourceError", "cached_card_path", "materialize", "parse_source"]
+__all__ = ["Source", "SourceError", "cached_card_path", "conversion_options", "download", "materialize",
+           "parse_source"]
 
 log = logging.getLogger("model.sources")
 
@@ -141,6 +143,30 @@ def cached_card_path(source: Source, cache_dir: Path) -> Path | None:
     return card_path if _usable_card(card_path, url=source.url, sha256=download.sha256) else None
 
 
+def download(source: Source, cache_dir: Path, *, allow_http: bool = False,
+             max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES, progress: Progress | None = None, retries: int = 5,
+             backoff_s: float = 1.0, timeout: float = 30.0) -> Downloaded:
+    """The cached download of a remote source (fetched first if needed)."""
+    if source.url is None:
+        raise SourceError(f"{source.text}: a local path, nothing to download")
+    return fetch(source.url, cache_dir, sha256=source.sha256, allow_http=allow_http, max_bytes=max_bytes,
+                 progress=progress, retries=retries, backoff_s=backoff_s, timeout=timeout)
+
+
+def conversion_options(source: Source, downloaded: Downloaded) -> dict[str, Any]:
+    """model.checkpoint.convert() keywords for a download: its name, the catalogue's class names and
+    recommended settings, provenance (URL, sha256) and the digest the bytes read must have."""
+    entry = source.entry
+    return dict(
+        name=source.name,
+        class_names=list(entry.class_names) if entry and entry.class_names else None,
+        recommended=dict(entry.recommended) if entry else None,
+        provenance={"source_url": downloaded.url, "source_sha256": downloaded.sha256,
+                    **({"catalogue_name": entry.name, "recommended_from": entry.recommended_from} if entry else {})},
+        expected_sha256=downloaded.sha256,
+    )
+
+
 def materialize(source: Source, cache_dir: Path, *, allow_http: bool = False,
                 max_bytes: int = DEFAULT_MAX_DOWNLOAD_BYTES, max_parameters: int | None = None,
                 progress: Progress | None = None, retries: int = 5, backoff_s: float = 1.0,
@@ -153,24 +179,17 @@ def materialize(source: Source, cache_dir: Path, *, allow_http: bool = False,
     done = cached_card_path(source, cache_dir)
     if done is not None:
         return done
-    download = fetch(source.url, cache_dir, sha256=source.sha256, allow_http=allow_http, max_bytes=max_bytes,
-                     progress=progress, retries=retries, backoff_s=backoff_s, timeout=timeout)
-    out_dir = _converted_dir(cache_dir, source.url)
-    card_path = out_dir / f"{source.name}.json"
+    downloaded = download(source, cache_dir, allow_http=allow_http, max_bytes=max_bytes, progress=progress,
+                          retries=retries, backoff_s=backoff_s, timeout=timeout)
+    card_path = _converted_dir(cache_dir, source.url) / f"{source.name}.json"
     with locked(cache_entry_dir(cache_dir, source.url), f"conversion of {source.url}"):
-        if _usable_card(card_path, url=source.url, sha256=download.sha256) is None:
+        if _usable_card(card_path, url=source.url, sha256=downloaded.sha256) is None:
             from model.checkpoint import convert  # torch: only here
 
-            entry = source.entry
             log.info("converting %s to safetensors + card (once; later starts load the conversion)", source.url,
                      extra={"path": str(card_path)})
-            convert(download.path, card_path, name=source.name, max_parameters=max_parameters,
-                    class_names=list(entry.class_names) if entry and entry.class_names else None,
-                    recommended=dict(entry.recommended) if entry else None,
-                    provenance={"source_url": source.url, "source_sha256": download.sha256,
-                                **({"catalogue_name": entry.name,
-                                    "recommended_from": entry.recommended_from} if entry else {})},
-                    expected_sha256=download.sha256)
+            convert(downloaded.path, card_path, max_parameters=max_parameters,
+                    **conversion_options(source, downloaded))
     return card_path
 
 

@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sample": ("model.cli", "sample_main", "generate PNGs from a checkpoint (like NVlabs generate.py)"),
     "inspect": ("model.cli", "inspect_main", "print a checkpoint's model card as JSON"),
     "convert": ("model.cli", "convert_main", "convert an NVlabs pickle to safetensors + model card"),
+    "models": ("model.cli", "models_main", "list the official EDM checkpoints by name, marking cached ones"),
+    "pull": ("model.cli", "pull_main", "download (and convert) models by name or URL into the cache"),
     "train": ("model.train_cli", "main", "train a model with the EDM recipe"),
     "eval": ("model.eval_cli", "main", "measure class accuracy and Frechet distance of samples"),
     "gateway": ("service.main", "main", "run the REST (and gRPC) gateway"),

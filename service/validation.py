@@ -1,13 +1,16 @@
 """A request checked against its model's card and resolved into a JobSpec (pure; no I/O).
 
 Every refusal is a 422 problem naming the field, except an unknown model (404, raised by the
-caller, which knows the catalog).
+caller, which knows the catalog). Sampler settings a request omits take the model card's
+`recommended` values when it has them (the reference's defaults otherwise).
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+
+from pydantic import ValidationError
 
 from model.card import ModelCard
 from service.contract import SEED_LIMIT, JobSpec
@@ -72,8 +75,24 @@ def check_sampler(req: GenerateRequest, card: ModelCard, max_steps: int) -> None
         raise invalid("S_max", f"must be >= S_min ({req.S_min})")
 
 
+def with_recommended(req: GenerateRequest, card: ModelCard) -> GenerateRequest:
+    """Sampler settings the request omits take the card's recommended values (e.g. 256 steps with
+    churn for ImageNet-64); settings the request gives, even at their defaults, are kept."""
+    omitted = {k: v for k, v in (card.recommended or {}).items() if k not in req.model_fields_set}
+    if not omitted:
+        return req
+    body = {**req.model_dump(include=req.model_fields_set), **omitted}
+    try:
+        return GenerateRequest.model_validate(body)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "model"
+        raise invalid(field, f"model {card.name}'s recommended setting is invalid: {first['msg']}") from None
+
+
 def resolve(req: GenerateRequest, model: str, card: ModelCard, *, max_images: int, max_steps: int,
             draw: Callable[[], int] = random_seed) -> JobSpec:
+    req = with_recommended(req, card)
     check_sampler(req, card, max_steps)
     label = resolve_class(req.class_label, card)
     seeds = resolve_seeds(req, max_images, draw)
