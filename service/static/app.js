@@ -72,7 +72,12 @@ function samplerFieldset(side) {
         h("option", { value: "", text: "(default)" }), ...f.options.map((o) => h("option", { value: o, text: o })))
       : h("input", { id, name: f.name, type: "number", step: f.step || "any", min: f.min, value: f.value,
         inputmode: "decimal", "aria-describedby": described });
-    input.addEventListener("change", () => { preset.value = matchingPreset(side); });
+    for (const type of ["input", "change"]) {
+      input.addEventListener(type, () => {
+        preset.value = matchingPreset(side);
+        summarize(side);
+      });
+    }
     return h("div", { class: "field" }, h("label", { for: id, text: f.name }), input,
       h("p", { id: `${id}-hint`, class: "hint", text: f.hint }), h("p", { id: `${id}-error`, class: "error" }));
   });
@@ -80,8 +85,20 @@ function samplerFieldset(side) {
     h("legend", { text: title }),
     h("div", { class: "field" }, h("label", { for: `${side}-preset`, text: "Preset" }), preset,
       h("p", { id: `${side}-preset-hint`, class: "hint", text: "Fills the settings below; editing one makes it Custom." })),
-    h("details", { class: "more", open: true }, h("summary", { text: "Sampler settings" }),
+    h("p", { id: `${side}-summary`, class: "summary", "aria-live": "polite" }),
+    h("details", { class: "more", id: `${side}-details` }, h("summary", { text: "All sampler settings" }),
       h("div", { class: "fields" }, ...fields)));
+}
+
+// One line under the preset: solver, time steps, N and the network evaluations per image.
+function summarize(side) {
+  const v = samplerValues(side);
+  const steps = Number(v.num_steps);
+  const euler = v.solver === "euler";
+  const nfe = Number.isInteger(steps) && steps >= 2 ? (euler ? steps : 2 * steps - 1) : "?";
+  const churn = Number(v.S_churn) > 0 ? `, stochastic (S_churn ${v.S_churn})` : ", deterministic";
+  $(`${side}-summary`).textContent = `${euler ? "Euler" : "Heun"}, ${v.discretization || "edm"} time steps, ` +
+    `N = ${v.num_steps}${churn}: ${nfe} network evaluations per image.`;
 }
 
 function applyPreset(side, key) {
@@ -89,6 +106,7 @@ function applyPreset(side, key) {
   if (!preset) return;
   for (const f of SAMPLER_FIELDS) $(`${side}-${f.name}`).value = preset.values[f.name] ?? DEFAULTS[f.name];
   $(`${side}-preset`).value = key;
+  summarize(side);
 }
 
 function samplerValues(side) {
@@ -159,6 +177,8 @@ function fieldError(id, message) {
   if (!input || !error) return false;
   error.textContent = message;
   input.setAttribute("aria-invalid", "true");
+  const details = input.closest("details");
+  if (details) details.open = true;
   return true;
 }
 
@@ -538,6 +558,7 @@ function useSettings(entry) {
   for (const r of entry.runs) {
     for (const f of SAMPLER_FIELDS) $(`${r.side}-${f.name}`).value = r.body[f.name] ?? DEFAULTS[f.name];
     $(`${r.side}-preset`).value = matchingPreset(r.side);
+    summarize(r.side);
   }
   $("seeds").focus();
 }

@@ -168,7 +168,7 @@ export class Run {
   // Wall time as this browser saw it; sampling time as the worker measured it (from GET /v1/jobs).
   showTiming(server) {
     const parts = [];
-    if (this.nfeTotal) parts.push(`NFE ${this.nfe} / ${this.nfeTotal} per image`);
+    if (this.nfeTotal && this.endedAt !== undefined) parts.push(`NFE ${this.nfe} / ${this.nfeTotal} per image`);
     if (this.firstFrameMs !== null) parts.push(`first frame ${seconds(this.firstFrameMs)} after Generate`);
     if (this.endedAt !== undefined && this.pressedAt !== null) parts.push(`wall ${seconds(this.endedAt - this.pressedAt)}`);
     if (server && server.sampling_s !== null && server.sampling_s !== undefined) {
