@@ -206,7 +206,7 @@ function readForm() {
   clearErrors();
   let ok = true;
   const shared = { model: $("model").value || undefined };
-  const label = $("class_label").value.trim();
+  const label = $("class_label").disabled ? "" : $("class_label").value.trim();
   if (label) shared.class_label = /^\d+$/.test(label) ? Number(label) : label;
   try {
     shared.seeds = parseSeeds($("seeds").value);
@@ -375,6 +375,7 @@ async function follow(run) {
     if (error.status === 401) showAuth(error.message);
   }
   updateButtons();
+  if (run.abort.signal.aborted) return; // replaced by newer runs
   try {
     const view = await getJSON(`/v1/jobs/${encodeURIComponent(run.jobId)}`);
     if (view.status === "cancelled" || view.status === "failed") run.finish(view.status, view.error || view.status);
@@ -390,8 +391,6 @@ async function generate(event) {
   const form = readForm();
   if (!form) return;
   const pressedAt = performance.now();
-  resetRuns(form.bodies.length);
-  $("form-error").textContent = "";
   const jobs = [];
   for (let k = 0; k < form.bodies.length; k++) {
     const side = form.sides[k];
@@ -399,12 +398,13 @@ async function generate(event) {
       jobs.push(await postJSON(`/ui/jobs?preview_every=${form.previewEvery}`, form.bodies[k]));
     } catch (error) {
       for (const job of jobs) cancelJob(job.id);
-      resetRuns(0);
-      $("results-empty").hidden = false;
       showProblem(error, side);
       return;
     }
   }
+  // the new jobs replace what the page showed: jobs still running there are cancelled
+  for (const run of state.runs) if (run.active) cancelJob(run.jobId);
+  resetRuns(jobs.length);
   const entry = { at: Date.now(), model: jobs[0].model, runs: [] };
   jobs.forEach((job, k) => {
     const side = form.sides[k];
@@ -473,8 +473,11 @@ function showReproduce(run, cell) {
   const device = meta["edm:device_type"] || "cpu";
   args.push(`--device ${device}`);
   if (meta["edm:dtype"]) args.push(`--dtype ${DTYPES[meta["edm:dtype"]] || meta["edm:dtype"]}`);
+  // the forward passes' row counts, when the worker recorded them (images on CUDA depend on them)
+  const passSizes = meta["edm:pass_sizes"];
+  if (passSizes) args.push(`--pass-sizes ${quote(passSizes)}`);
   const chunk = meta["edm:chunk"];
-  if (chunk && chunk !== "none" && chunk !== "None") args.push(`--chunk ${chunk}`);
+  if (!passSizes && chunk && chunk !== "none" && chunk !== "None") args.push(`--chunk ${chunk}`);
   args.push("--outdir out");
   $("reproduce-cli").textContent = args.join(" ");
   $("reproduce-what").textContent = `Seed ${cell.seed}, class ${cell.info ? cell.info.class_label : "?"}, model ` +
