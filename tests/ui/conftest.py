@@ -48,7 +48,7 @@ def ui_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UIStack]:
     env = stack_env(redis_server.url, {}, EDM_BUNDLED_MODEL="true")
     processes: list[Process] = []
     try:
-        worker = spawn_worker(env, logs / "worker.log", max_batch=16)
+        worker = spawn_worker(env, logs / "worker.log")
         processes.append(worker)
         gateway, url = start_gateway(env, logs / "gateway.log")
         processes.append(gateway)

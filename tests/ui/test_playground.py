@@ -67,6 +67,10 @@ def test_page_loads_same_origin_with_strict_csp(ui: Watched, ui_stack: UIStack) 
     response = page.request.get(ui_stack.url + "/")
     csp = response.headers["content-security-policy"]
     assert "script-src 'self'" in csp and "default-src 'none'" in csp and "unsafe-inline" not in csp
+    for path in ("/ui/app.js", "/ui/style.css"):
+        assert page.request.get(ui_stack.url + path).headers["content-security-policy"] == csp
+    for path in ("/ui/nothing.js", "/ui/..%2Froutes%2Fui.py", "/ui/%2E%2E%2F%2E%2E%2Fapp.py"):
+        assert page.request.get(ui_stack.url + path).status == 404, path
     assert page.locator("#model option").first.get_attribute("value") == MODEL
     assert "549,025" in page.locator("#model-card").inner_text()
     assert page.locator("#class-names option").count() == 10
