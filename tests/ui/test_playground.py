@@ -80,6 +80,12 @@ def test_page_loads_same_origin_with_strict_csp(ui: Watched, ui_stack: UIStack) 
     page.evaluate("""() => { const s = document.createElement('script'); s.textContent = 'window.inlineRan = 1';
                               document.body.append(s); }""")
     assert page.evaluate("() => window.inlineRan") is None
+    # every control has a label; the sampler settings have a hint and a place for their error
+    unlabelled = page.evaluate("""() => [...document.querySelectorAll('input, select')]
+        .filter(el => !el.labels || el.labels.length === 0).map(el => el.id)""")
+    assert unlabelled == []
+    described = page.locator("#a-num_steps").get_attribute("aria-describedby")
+    assert described == "a-num_steps-hint a-num_steps-error"
     # a phone-width window: nothing wider than the screen
     page.set_viewport_size({"width": 390, "height": 800})
     assert page.evaluate("() => document.documentElement.scrollWidth") <= 390
