@@ -789,6 +789,9 @@ class _ClaimsOnly(torch.overrides.TorchFunctionMode):
         if self.calls > _CONSTRUCTION_CALLS:
             raise CheckpointError(f"{self.where}constructing the network takes more than {_CONSTRUCTION_CALLS} "
                                   "torch calls; refusing what the file claims")
+        shape = _elementwise_on_meta(func, args, kwargs)
+        if shape is not None:  # weights being scaled (_random_init): no need to run meta kernels
+            return shape
         if func in self.constructors and kwargs.get("device") is None:
             probe = func(*args, **{**kwargs, "device": "meta"})
             if isinstance(probe, torch.Tensor):
@@ -799,6 +802,25 @@ class _ClaimsOnly(torch.overrides.TorchFunctionMode):
                     raise CheckpointError(f"{self.where}the network's constructor allocates more than "
                                           f"{_REAL_TOTAL_ELEMENTS} elements in small tensors")
         return func(*args, **kwargs)
+
+
+_ELEMENTWISE = {torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.__add__, torch.Tensor.__radd__,
+                torch.Tensor.__sub__, torch.Tensor.__rsub__, torch.Tensor.__truediv__, torch.Tensor.__neg__,
+                torch.Tensor.mul, torch.Tensor.add, torch.Tensor.sub, torch.Tensor.div, torch.mul, torch.add,
+                torch.sub, torch.div}
+
+
+def _elementwise_on_meta(func: Any, args: Any, kwargs: Any) -> torch.Tensor | None:
+    """A meta tensor times/plus/minus a Python number is a meta tensor of the same shape. Answered
+    here because the first meta kernel a process runs imports torch._dynamo (seconds)."""
+    if func not in _ELEMENTWISE or kwargs:
+        return None
+    metas = [a for a in args if isinstance(a, torch.Tensor)]
+    if len(metas) != 1 or not metas[0].is_meta or not all(
+            isinstance(a, int | float) and not isinstance(a, bool) for a in args if a is not metas[0]):
+        return None
+    x = metas[0]
+    return torch.empty(x.shape, dtype=x.dtype, device="meta")
 
 
 def _expected_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:

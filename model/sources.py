@@ -188,9 +188,24 @@ def materialize(source: Source, cache_dir: Path, *, allow_http: bool = False,
 
             log.info("converting %s to safetensors + card (once; later starts load the conversion)", source.url,
                      extra={"path": str(card_path)})
-            convert(downloaded.path, card_path, max_parameters=max_parameters,
-                    **conversion_options(source, downloaded))
+            card = convert(downloaded.path, card_path, max_parameters=max_parameters,
+                           **conversion_options(source, downloaded))
+            if source.entry is not None:
+                _check_against_catalogue(card, source.entry, card_path)
     return card_path
+
+
+def _check_against_catalogue(card: ModelCard, entry: CatalogueEntry, card_path: Path) -> None:
+    """A file downloaded for a catalogue name must be the network the catalogue describes."""
+    expected = {"preconditioner": entry.preconditioner, "architecture": entry.architecture,
+                "img_resolution": entry.img_resolution, "img_channels": entry.img_channels,
+                "label_dim": entry.label_dim, "parameters": entry.parameters}
+    wrong = {k: (getattr(card, k), v) for k, v in expected.items() if getattr(card, k) != v}
+    if wrong:
+        card_path.unlink(missing_ok=True)
+        (card_path.parent / card.weights_file).unlink(missing_ok=True)
+        details = ", ".join(f"{k} {got} (expected {want})" for k, (got, want) in wrong.items())
+        raise SourceError(f"{entry.url} is not the network the catalogue describes as {entry.name}: {details}")
 
 
 __all__ += ["DownloadError", "IntegrityError"]
