@@ -7,6 +7,7 @@ worker/queue.py). Beside RQ's keys, per job:
     edm:job:{id}      hash: owner, model, images, nfe, qnfe (NFE still counted as queued),
                       reruns, cancel, created/started/finished, progress fields, error, execution
     edm:png:{id}:{k}  PNG bytes of image k
+    edm:images:{id}   hash: k -> ImageInfo JSON of each image stored so far (a rerun skips them)
     edm:done:{id}     list: one element pushed when the job reaches a terminal state
 
 and globally: edm:queued_nfe (NFE of queued jobs),
@@ -68,6 +69,10 @@ class Keys:
     @staticmethod
     def png(job_id: str, index: int) -> str:
         return f"edm:png:{job_id}:{index}"
+
+    @staticmethod
+    def images(job_id: str) -> str:
+        return f"edm:images:{job_id}"
 
     @staticmethod
     def done(job_id: str) -> str:
@@ -168,7 +173,7 @@ def finish(conn: redis.Redis, pipe: Any, outcomes: list[Outcome], *, result_ttl:
             _finish_rq_job(pipe, job, outcome, now, ttl, fields.get("error", ""), worker)
         job_id = outcome.job_id
         pipe.hset(Keys.job(job_id), mapping=fields)
-        for key in (Keys.job(job_id), Keys.rq_job(job_id)):
+        for key in (Keys.job(job_id), Keys.rq_job(job_id), Keys.images(job_id)):
             pipe.expire(key, ttl)
         pipe.rpush(Keys.done(job_id), outcome.status.value)
         pipe.expire(Keys.done(job_id), 60)
@@ -300,6 +305,8 @@ class Ledger:
             return None
         spec = JobSpec.model_validate(job.kwargs["spec"])
         status = _STATUS[job.get_status(refresh=False)]
+        if status.terminal and "finished" not in fields:  # the job ended between the two reads
+            fields = {text(k): text(v) for k, v in self.conn.hgetall(Keys.job(job_id)).items()} or fields
         position = None
         if status is JobStatus.queued:
             found = self.conn.lpos(Keys.queue(spec.model), job_id)

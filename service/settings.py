@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -90,11 +90,22 @@ class WorkerSettings(CommonSettings):
         default_factory=list, description="names of the models this worker serves; empty = all")
     device: str = Field(default="cpu", description="cpu, cuda or cuda:N")
     dtype: str = Field(default="auto", pattern="^(auto|fp32|fp16|bf16)$", description="auto = the checkpoint's choice")
-    max_batch: int = Field(default=64, gt=0, description="images per forward pass")
-    cuda_chunk: int = Field(default=16, gt=0, description="on CUDA, every forward pass has exactly this many "
-                            "rows (padded) so that an image does not depend on its batch; recorded in the PNG")
-    max_wait_s: float = Field(default=0.05, ge=0, description="longest wait for more jobs to fill a batch")
-    batch_gap_s: float = Field(default=0.002, ge=0, description="stop filling a batch when no job came for this long")
+    scheduler: Literal["step", "request"] = Field(
+        default="step", description="step: continuous batching of evaluations in a slot table (model/slots.py); "
+        "request: the earlier request-level batches (jobs with equal settings, kept for A/B benchmarks)")
+    max_pass_rows: int = Field(default=64, gt=0, description="images carried by one forward pass, at most")
+    slot_rows: int = Field(default=256, gt=0, description="step scheduler: images held in the slot table (each "
+                           "at its own step); more than a pass carries are evaluated in turn, fairly per job")
+    cohort_rows: int = Field(default=8, gt=0, description="step scheduler: a job's images enter the table in "
+                             "groups of at most this many (smaller: finer fair sharing; larger: less overhead)")
+    pass_sizes: str = Field(default="auto", pattern=r"^(auto|\d+\+|\d+(,\d+)*)$",
+                            description="row counts of forward passes: auto (CPU any count from 4, CUDA 8,16,32,64 up "
+                            "to max_pass_rows), 'N+' or 'A,B,C'; an image does not depend on what shares its passes")
+    max_wait_s: float = Field(default=0.05, ge=0, description="request scheduler: longest wait to fill a batch")
+    batch_gap_s: float = Field(default=0.002, ge=0, description="request scheduler: stop filling a batch when no job "
+                               "came for this long")
+    hang_timeout_s: float = Field(default=120.0, gt=0, description="a worker holding work whose forward passes "
+                                  "stop completing for this long stops heartbeating (its jobs are rerun elsewhere)")
     metrics_port: int = Field(default=9101, ge=0, description="Prometheus port of this worker; 0 = off")
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     heartbeat_ttl_s: float = Field(default=5.0, gt=0, description="a worker silent this long is dead")

@@ -1,4 +1,4 @@
-"""The models a worker holds and one batch through the sampler (the only worker module with torch).
+"""The models a worker holds, their slot tables, and PNG encoding (the only worker module with torch).
 
 Every PNG carries what reproduces it exactly: model name and weights sha256, every sampler
 setting, seed, class label, network precision and the software version, as PNG text chunks
@@ -11,17 +11,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from model.card import ModelCard
 from model.checkpoint import load_model
-from model.generate import GeneratedImage, OnEval, SamplerSettings, generate, use_batch_invariant_kernels
+from model.generate import EvalEvent, GeneratedImage, SamplerSettings, use_batch_invariant_kernels
 from model.images import encode_png
+from model.slots import PassSizes, SlotEngine, cohorts_of
 from service.contract import JobSpec
 from service.version import software_version
 from worker.batcher import Slice
@@ -40,7 +40,7 @@ class ServedModel:
     dtype: str       # the precision the network runs in on this worker
     load_s: float
     device_type: str = "cpu"
-    chunk: int | None = None  # fixed forward-pass size (CUDA batch invariance), None = whole batch
+    pass_sizes: PassSizes = PassSizes()  # the row counts of its forward passes (recorded in each PNG)
 
 
 def png_text(model: ServedModel, settings: SamplerSettings, seed: int, class_label: int | None,
@@ -55,7 +55,7 @@ def png_text(model: ServedModel, settings: SamplerSettings, seed: int, class_lab
     meta = {"Software": f"edm-serve {version}", "edm:model": model.name,
             "edm:weights_sha256": model.card.weights_sha256, "edm:seed": str(seed),
             "edm:class_label": text(class_label), "edm:dtype": model.dtype,
-            "edm:device_type": model.device_type, "edm:chunk": text(model.chunk)}
+            "edm:device_type": model.device_type, "edm:pass_sizes": str(model.pass_sizes)}
     if class_label is not None and model.card.class_names:
         meta["edm:class_name"] = model.card.class_names[class_label]
     meta.update({f"edm:{name}": text(value) for name, value in settings.as_dict().items()})
@@ -63,15 +63,21 @@ def png_text(model: ServedModel, settings: SamplerSettings, seed: int, class_lab
 
 
 class Engine:
-    def __init__(self, device: str = "cpu", dtype: str = "auto", cuda_chunk: int | None = 16):
+    """The models this worker serves, loaded once; a slot table per model for the step scheduler."""
+
+    def __init__(self, device: str = "cpu", dtype: str = "auto", *, max_pass_rows: int = 64,
+                 pass_sizes: str = "auto"):
         self.device = torch.device(device)
-        # CUDA kernels depend on the batch size, so on CUDA every forward pass has the same size
-        # (model.generate explains); the CPU is batch-invariant without it.
-        self.chunk = cuda_chunk if self.device.type == "cuda" else None
+        # Kernels must not change with the batch: TF32 off on CUDA, and passes of fixed row counts.
         use_batch_invariant_kernels(self.device)
         if dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
         self.dtype = dtype
+        self.max_pass_rows = max_pass_rows
+        self.pass_sizes = (PassSizes.for_device(self.device, max_pass_rows) if pass_sizes == "auto"
+                           else PassSizes.parse(pass_sizes))
+        if self.pass_sizes.max_rows is not None and self.pass_sizes.max_rows < max_pass_rows:
+            raise ValueError(f"pass sizes {self.pass_sizes} cannot carry max_pass_rows={max_pass_rows}")
         self.models: dict[str, ServedModel] = {}
         self.version = software_version()
 
@@ -83,11 +89,16 @@ class Engine:
             net.compute_dtype = DTYPES[self.dtype]
         dtype = DTYPE_NAMES.get(net.execution_dtype(self.device), str(net.execution_dtype(self.device)))
         served = ServedModel(name, net, loaded.card, dtype, time.perf_counter() - started,
-                             self.device.type, self.chunk)
+                             self.device.type, self.pass_sizes)
         self.models[name] = served
         log.info("loaded model %s", name, extra={"model": name, "path": str(path), "device": str(self.device),
                                                  "dtype": dtype, "load_s": round(served.load_s, 3)})
         return served
+
+    def table(self, model: str, capacity: int) -> SlotEngine:
+        """A slot table of `capacity` images for one served model."""
+        return SlotEngine(self.models[model].net, capacity=capacity, max_pass_rows=self.max_pass_rows,
+                          pass_sizes=self.pass_sizes)
 
     def check(self, spec: JobSpec) -> str | None:
         """Why this job cannot run here (the gateway checks the same), or None."""
@@ -103,14 +114,41 @@ class Engine:
                 return f"class_label: {label} is outside 0..{model.card.label_dim - 1}"
         return None
 
-    def run(self, batch: Sequence[Slice], on_eval: OnEval | None = None) -> list[GeneratedImage | None]:
-        """Sample every image of the batch (all slices share one batch key) in one go."""
+    def run(self, batch: Sequence[Slice],
+            on_eval: Callable[[EvalEvent], Iterable[int] | None] | None = None) -> list[GeneratedImage | None]:
+        """The request scheduler's batch (all slices share one batch key): every image in one slot table,
+        advanced together. `on_eval` may return batch rows to drop: their slices leave the table."""
         spec = batch[0].job.spec
-        seeds = [seed for piece in batch for seed in piece.job.spec.seeds[piece.start:piece.stop]]
-        labels = [label for piece in batch for label in piece.job.spec.class_labels[piece.start:piece.stop]]
         settings = SamplerSettings(**spec.sampler.settings_kwargs())
-        net: Any = self.models[spec.model].net  # a model.precond.Precond
-        return generate(net, seeds, labels, settings, on_eval=on_eval, chunk=self.chunk)
+        size = sum(piece.size for piece in batch)
+        table = SlotEngine(self.models[spec.model].net, capacity=size, max_pass_rows=self.max_pass_rows,
+                           pass_sizes=self.pass_sizes)
+        slice_of: list[int] = []
+        for k, piece in enumerate(batch):
+            first = len(slice_of)
+            slice_of += [k] * piece.size
+            seeds = piece.job.spec.seeds[piece.start:piece.stop]
+            labels = piece.job.spec.class_labels[piece.start:piece.stop]
+            for rows in cohorts_of(piece.size, self.pass_sizes.max_rows or piece.size):
+                table.admit(k, [first + r for r in rows], [seeds[r] for r in rows], [labels[r] for r in rows],
+                            settings)
+        images: list[GeneratedImage | None] = [None] * size
+        while table.occupied:
+            report = table.step()
+            for error in report.failed.values():
+                raise error
+            for image in report.finished:
+                images[int(image.key)] = GeneratedImage(image.seed, image.class_label, image.pixels)  # type: ignore[call-overload]
+            if on_eval is None or not report.evaluated:
+                continue
+            first_ev = report.evaluated[0]
+            active = [int(key) for ev in report.evaluated for key in ev.keys]  # type: ignore[call-overload]
+            x0 = torch.cat([ev.x0 for ev in report.evaluated])
+            drop = on_eval(EvalEvent(first_ev.step, first_ev.num_steps, first_ev.sigma, first_ev.nfe,
+                                     first_ev.nfe_total, x0, active))
+            for k in {slice_of[row] for row in drop or ()}:
+                table.cancel(k)
+        return images
 
     def encode(self, spec: JobSpec, image: GeneratedImage) -> tuple[bytes, dict[str, str]]:
         model = self.models[spec.model]

@@ -24,8 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve", help="comma-separated model names [EDM_SERVE; default: all configured]")
     parser.add_argument("--device", help="cpu, cuda or cuda:N [EDM_DEVICE, default cpu]")
     parser.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="network precision [EDM_DTYPE]")
-    parser.add_argument("--max-batch", type=int, help="images per forward pass [EDM_MAX_BATCH, default 64]")
-    parser.add_argument("--max-wait", type=float, help="seconds to wait to fill a batch [EDM_MAX_WAIT_S]")
+    parser.add_argument("--scheduler", choices=["step", "request"], help="step-level or request-level batching "
+                        "[EDM_SCHEDULER, default step]")
+    parser.add_argument("--max-pass-rows", type=int, help="images per forward pass, at most [EDM_MAX_PASS_ROWS, "
+                        "default 64]")
+    parser.add_argument("--slot-rows", type=int, help="images held in a slot table [EDM_SLOT_ROWS, default 256]")
+    parser.add_argument("--cohort-rows", type=int, help="a job's images enter a slot table in groups of at most "
+                        "this many [EDM_COHORT_ROWS, default 8]")
+    parser.add_argument("--pass-sizes", help="row counts of forward passes [EDM_PASS_SIZES, default auto]")
+    parser.add_argument("--max-wait", type=float, help="request scheduler: seconds to wait to fill a batch "
+                        "[EDM_MAX_WAIT_S]")
     parser.add_argument("--metrics-port", type=int, help="Prometheus port, 0 = off [EDM_METRICS_PORT, 9101]")
     parser.add_argument("--redis-url", help="Redis URL [EDM_REDIS_URL]")
     parser.add_argument("--name", help="worker name prefix [EDM_NAME, default host name]")
@@ -33,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from service.settings import WorkerSettings
 
-    overrides = {"serve": args.serve, "device": args.device, "dtype": args.dtype, "max_batch": args.max_batch,
+    overrides = {"serve": args.serve, "device": args.device, "dtype": args.dtype, "scheduler": args.scheduler,
+                 "max_pass_rows": args.max_pass_rows, "slot_rows": args.slot_rows, "cohort_rows": args.cohort_rows,
+                 "pass_sizes": args.pass_sizes,
                  "max_wait_s": args.max_wait, "metrics_port": args.metrics_port, "redis_url": args.redis_url,
                  "name": args.name}
     settings = WorkerSettings(**{k: v for k, v in overrides.items() if v is not None})
@@ -58,6 +68,7 @@ def run(settings) -> int:  # noqa: ANN001 - WorkerSettings, imported lazily abov
     from worker.metrics import WorkerMetrics
     from worker.queue import WorkerQueue
     from worker.runner import Worker
+    from worker.stepper import StepWorker
 
     torch.set_num_threads(settings.torch_threads)
     models = configured_models(settings)
@@ -69,7 +80,8 @@ def run(settings) -> int:  # noqa: ANN001 - WorkerSettings, imported lazily abov
         raise ValueError("no models to serve: configure EDM_MODELS / EDM_MODELS_FILE or the bundled model")
 
     metrics = WorkerMetrics()
-    engine = Engine(settings.device, settings.dtype, settings.cuda_chunk)
+    engine = Engine(settings.device, settings.dtype, max_pass_rows=settings.max_pass_rows,
+                    pass_sizes=settings.pass_sizes)
     for name in serve:
         served = engine.load(name, models[name])
         metrics.load_seconds.labels(name).set(served.load_s)
@@ -80,12 +92,21 @@ def run(settings) -> int:  # noqa: ANN001 - WorkerSettings, imported lazily abov
     for name, served in engine.models.items():
         queue.publish_card(name, catalog_card_json(served.card))
     metrics.serve(settings.metrics_port)
-    worker = Worker(queue=queue, engine=engine, metrics=metrics, max_batch=settings.max_batch,
-                    max_wait_s=settings.max_wait_s, batch_gap_s=settings.batch_gap_s,
-                    heartbeat_interval_s=settings.heartbeat_interval_s,
-                    block_s=min(1.0, settings.redis_timeout_s / 2), device=settings.device, dtype=settings.dtype,
-                    connect=lambda: connect(settings.redis_url, settings.redis_timeout_s))
+    connect_again = lambda: connect(settings.redis_url, settings.redis_timeout_s)  # noqa: E731
+    block_s = min(1.0, settings.redis_timeout_s / 2)
+    worker: Worker
+    if settings.scheduler == "step":
+        worker = StepWorker(queue=queue, engine=engine, metrics=metrics, slot_rows=settings.slot_rows,
+                            cohort_rows=settings.cohort_rows, heartbeat_interval_s=settings.heartbeat_interval_s,
+                            hang_timeout_s=settings.hang_timeout_s, block_s=block_s, device=settings.device,
+                            dtype=settings.dtype, connect=connect_again)
+    else:
+        worker = Worker(queue=queue, engine=engine, metrics=metrics, max_batch=settings.max_pass_rows,
+                        max_wait_s=settings.max_wait_s, batch_gap_s=settings.batch_gap_s,
+                        heartbeat_interval_s=settings.heartbeat_interval_s, block_s=block_s,
+                        device=settings.device, dtype=settings.dtype, connect=connect_again)
     worker.install_signal_handlers()
-    print(f"edm-serve worker {queue.id}: serving {', '.join(serve)} on {settings.device}"
+    print(f"edm-serve worker {queue.id}: serving {', '.join(serve)} on {settings.device} "
+          f"({settings.scheduler} scheduler, passes of {engine.pass_sizes} rows)"
           + (f"; metrics on :{settings.metrics_port}/metrics" if settings.metrics_port else ""), flush=True)
     return worker.run()

@@ -22,16 +22,27 @@ class WorkerMetrics:
                               ["outcome"], registry=r)
         self.queue_wait = Histogram("edm_queue_wait_seconds", "Time from submission to first sampling step",
                                     ["model"], buckets=SECONDS, registry=r)
-        self.sampling = Histogram("edm_sampling_seconds", "Wall time of one batch through the sampler",
+        self.sampling = Histogram("edm_sampling_seconds", "Time a job spent in the sampler (request scheduler: its "
+                                  "batch; step scheduler: first image in the slot table to last image out)",
                                   ["model"], buckets=SECONDS, registry=r)
         self.latency = Histogram("edm_job_latency_seconds", "Time from submission to a terminal state",
                                  ["model"], buckets=SECONDS, registry=r)
-        self.forward_images = Histogram("edm_forward_batch_images", "Images per forward pass", ["model"],
-                                        buckets=IMAGES, registry=r)
-        self.forward_seconds = Histogram("edm_forward_seconds", "Seconds per forward pass (sampler step "
-                                         "included)", ["model"], buckets=SECONDS, registry=r)
-        self.inflight = Gauge("edm_inflight_images", "Images in the batch being sampled", registry=r)
-        self.busy = Gauge("edm_worker_busy", "1 while the worker samples a batch", registry=r)
+        self.admission_wait = Histogram("edm_admission_wait_seconds", "Time from claiming a job to its first "
+                                        "image entering the slot table", ["model"], buckets=SECONDS, registry=r)
+        self.pass_rows = Histogram("edm_pass_rows", "Images carried by one forward pass (padding not counted)",
+                                   ["model"], buckets=IMAGES, registry=r)
+        self.padded_rows = Counter("edm_pass_padded_rows", "Padding rows added to forward passes to reach a fixed "
+                                   "pass size", ["model"], registry=r)
+        self.passes = Counter("edm_passes", "Forward passes", ["model"], registry=r)
+        self.pass_seconds = Histogram("edm_pass_seconds", "Seconds per forward pass, the sampler's arithmetic "
+                                      "included", ["model"], buckets=SECONDS, registry=r)
+        self.loop_wait = Counter("edm_pass_loop_wait_seconds", "Seconds the pass loop waited on PNG encoding and "
+                                 "Redis writes (a full write queue)", registry=r)
+        self.slot_rows = Gauge("edm_slot_rows_used", "Images in the slot tables (or the batch being sampled)",
+                               registry=r)
+        self.busy = Gauge("edm_worker_busy", "1 while the worker holds images in the sampler", registry=r)
+        self.hung = Gauge("edm_worker_hung", "1 once no forward pass completed for EDM_HANG_TIMEOUT_S while "
+                          "holding work (the worker stops heartbeating and exits)", registry=r)
         self.load_seconds = Gauge("edm_model_load_seconds", "Time to load each model at start", ["model"],
                                   registry=r)
 

@@ -62,8 +62,9 @@ class BatchObserver:
         if self.aborted():
             raise Aborted
         now = time.perf_counter()
-        self.metrics.forward_images.labels(self.model).observe(len(ev.rows))
-        self.metrics.forward_seconds.labels(self.model).observe(now - self._last_eval)
+        self.metrics.pass_rows.labels(self.model).observe(len(ev.rows))
+        self.metrics.passes.labels(self.model).inc()
+        self.metrics.pass_seconds.labels(self.model).observe(now - self._last_eval)
         self.metrics.nfe.labels(self.model).inc(len(ev.rows))
         self._last_eval = now
         flagged = set(self.cancelled())

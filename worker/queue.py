@@ -234,6 +234,30 @@ class WorkerQueue:
                 add_event(pipe, job_id, "image", info.model_dump(mode="json"), ttl_s=self.result_ttl_s)
             pipe.execute()
 
+    def store_images(self, job_id: str, images: Sequence[tuple[ImageInfo, bytes]]) -> None:
+        """Finished images of one job, each kept at once (PNG, its info for a rerun, an image event), in
+        one transaction: a rerun after a worker death recomputes only the images not stored yet."""
+        with self.conn.pipeline() as pipe:
+            for info, data in images:
+                pipe.set(Keys.png(job_id, info.index), data, ex=self.result_ttl_s)
+                pipe.hset(Keys.images(job_id), str(info.index), info.model_dump_json())
+                add_event(pipe, job_id, "image", info.model_dump(mode="json"), ttl_s=self.result_ttl_s)
+            pipe.expire(Keys.images(job_id), self.result_ttl_s)
+            pipe.execute()
+
+    def stored_images(self, job_id: str) -> dict[int, ImageInfo]:
+        """The images of a job that an earlier run stored (and whose PNG is still there)."""
+        stored = self.conn.hgetall(Keys.images(job_id))
+        infos = {int(text(k)): ImageInfo.model_validate_json(v) for k, v in stored.items()}
+        if not infos:
+            return {}
+        indices = sorted(infos)
+        with self.conn.pipeline(transaction=False) as pipe:
+            for index in indices:
+                pipe.exists(Keys.png(job_id, index))
+            present = pipe.execute()
+        return {index: infos[index] for index, there in zip(indices, present, strict=True) if there}
+
     def publish_progress(self, events: list[tuple[str, dict[str, Any], list[Frame]]]) -> None:
         """Append (job id, data, frames) progress events to the jobs' event streams: one script call per
         network evaluation, whatever the batch holds (a pipeline of XADDs takes twice as long)."""
@@ -284,6 +308,10 @@ class WorkerQueue:
             pipe.set(Keys.heartbeat(self.id), info.model_dump_json(), px=self.heartbeat_ttl_ms)
             pipe.sadd(Keys.WORKERS, self.id)
             pipe.execute()
+
+    def stop_heartbeat(self) -> None:
+        """Let the fleet see this worker as dead now (its reaper-run jobs go to other workers)."""
+        self.conn.delete(Keys.heartbeat(self.id))
 
     def publish_card(self, name: str, card_json: str) -> None:
         self.conn.hset(Keys.CARDS, name, card_json)

@@ -114,7 +114,7 @@ class Worker:
         self.cancels.start()
         self.state = State.idle
         log.info("worker %s serving %s", self.queue.id, ", ".join(self.models))
-        while not self.stop_requests:
+        while not self._should_exit():
             try:
                 self.step()
             except redis.RedisError as error:
@@ -130,7 +130,18 @@ class Worker:
         self._give_back()
         self.state = State.stopped
         log.info("worker %s stopped", self.queue.id)
+        return self._exit_code()
+
+    def _exit_code(self) -> int:
         return 0
+
+    def _should_exit(self) -> bool:
+        """The first stop request ends the loop: a batch runs to its end inside step()."""
+        return self.stop_requests > 0
+
+    def _ending_ids(self) -> set[str]:
+        """Jobs ended here whose terminal state is not written yet: never give these back."""
+        return {job.id for job, _ in self.pending}
 
     def _give_back(self) -> None:
         for attempt in range(10):
@@ -171,7 +182,7 @@ class Worker:
         reason = (f"the worker hit an error {self.queue.max_reruns + 1} times while holding it (EDM_MAX_RERUNS): "
                   f"{type(error).__name__}: {error}")
         try:
-            given = self.queue.give_back_all(exclude={job.id for job, _ in self.pending}, count_rerun=True,
+            given = self.queue.give_back_all(exclude=self._ending_ids(), count_rerun=True,
                                              failure=reason)
         except redis.RedisError as redis_error:
             log.warning("cannot give the claimed jobs back yet: %s", redis_error)
@@ -186,7 +197,7 @@ class Worker:
     def _reconcile(self) -> None:
         """While nothing is held, our claimed list should be empty: ids in it that this process never
         learnt of (a claim retried after its reply was lost, a load that raised) go back to their queues."""
-        for job_id, _ in self.queue.give_back_all(exclude={job.id for job, _ in self.pending}):
+        for job_id, _ in self.queue.give_back_all(exclude=self._ending_ids()):
             log.warning("gave back a claimed job this worker did not know it held", extra={"job_id": job_id})
 
     def _wait_for_work(self) -> list[Claimed]:
@@ -323,6 +334,10 @@ class Worker:
             return
         written = self.queue.finish([outcome for _, outcome in self.pending])
         ended, self.pending = self.pending, []
+        self._record_written(ended, written)
+
+    def _record_written(self, ended: list[tuple[Claimed, Outcome]], written: set[str]) -> None:
+        """Metrics and logs of terminal states just written (`written`: the ids Redis took)."""
         for job, outcome in ended:
             self.cancels.discard(job.id)
             if job.id not in written:
@@ -334,13 +349,19 @@ class Worker:
                                                            "reason": outcome.error})
 
     def _set_busy(self, images: int) -> None:
-        self.metrics.inflight.set(images)
+        self.metrics.slot_rows.set(images)
         self.metrics.busy.set(1 if images else 0)
 
     # liveness
 
+    def _hung(self) -> bool:
+        """True when the main loop holds work but stopped making progress (see StepWorker)."""
+        return False
+
     def _heartbeat_loop(self) -> None:
         while not self._stop.is_set():
+            if self._hung():
+                return  # silent from now on: its heartbeat expires and the reaper reruns its jobs elsewhere
             try:
                 info = self._info.model_copy(update={"busy": self.state is State.busy,
                                                      "nfe_per_s": round(self.nfe_per_s, 1)})

@@ -92,7 +92,7 @@ def live(redis_server: RedisServer, tiny_model: Path, tmp_path_factory: pytest.T
     conn.flushdb()
     env = stack_env(redis_server.url, {"tiny": tiny_model})
     worker_ports = [free_port(), free_port()]
-    workers = [spawn_worker(env, logs / f"worker{k}.log", max_batch=16, max_wait=0.05, metrics_port=port)
+    workers = [spawn_worker(env, logs / f"worker{k}.log", max_pass_rows=16, max_wait=0.05, metrics_port=port)
                for k, port in enumerate(worker_ports)]
     gateway, url = start_gateway(env, logs / "gateway.log")
     gateway_port = int(url.rsplit(":", 1)[1])

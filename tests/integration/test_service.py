@@ -55,7 +55,7 @@ def stack(redis_server: RedisServer, tiny_model: Path, tmp_path_factory: pytest.
     conn.flushdb()
     env = stack_env(redis_server.url, {"tiny": tiny_model})
     metrics_port = free_port()
-    workers = [spawn_worker(env, logs / f"worker{k}.log", max_batch=16, metrics_port=metrics_port if k == 0 else 0)
+    workers = [spawn_worker(env, logs / f"worker{k}.log", max_pass_rows=16, metrics_port=metrics_port if k == 0 else 0)
                for k in range(2)]
     gateway, url = start_gateway(env, logs / "gateway.log")
     for worker in workers:
@@ -147,9 +147,11 @@ def test_async_job_progress_images_and_cancel(stack: Stack) -> None:
 
 def test_worker_metrics(stack: Stack) -> None:
     text = httpx.get(stack.metrics_url, timeout=5).text
-    for name in ("edm_images_total", "edm_nfe_total", "edm_forward_batch_images_bucket", "edm_forward_seconds",
-                 "edm_queue_wait_seconds", "edm_sampling_seconds", "edm_job_latency_seconds",
-                 "edm_inflight_images", "edm_worker_busy", 'edm_model_load_seconds{model="tiny"}'):
+    for name in ("edm_images_total", "edm_nfe_total", "edm_pass_rows_bucket", "edm_pass_seconds",
+                 "edm_passes_total", "edm_pass_padded_rows_total", "edm_admission_wait_seconds",
+                 "edm_queue_wait_seconds", "edm_sampling_seconds", "edm_job_latency_seconds", "edm_slot_rows_used",
+                 "edm_pass_loop_wait_seconds_total", "edm_worker_busy", "edm_worker_hung",
+                 'edm_model_load_seconds{model="tiny"}'):
         assert name in text, name
 
 

@@ -1,0 +1,437 @@
+"""The step scheduler (EDM_SCHEDULER=step, the default): continuous batching of network evaluations.
+
+Every model this worker serves has a slot table (model/slots.py): each row is one image at its own
+step of its own sampler, and each forward pass carries images of every job in flight, whatever their
+settings. One turn of the loop:
+
+1. cancelled jobs leave their rows;
+2. jobs are claimed while the tables have room for more images (no fill window);
+3. waiting images enter free rows (admission, below);
+4. one forward pass of one model's table (models with work take turns, one pass each);
+5. finished images, progress and terminal states go to the writer thread (worker/writer.py): the
+   loop does not wait for PNG encoding or Redis.
+
+Admission is first come, first served by claim order, in cohorts of at most EDM_COHORT_ROWS images
+of one job, one cohort per job per round so that every waiting job gets rows. A job holds at most
+EDM_MAX_PASS_ROWS rows at a time, so no job fills a table that other jobs are waiting for. When the
+table holds more images than a pass carries, each pass gives every job an equal share of the pass
+(model/slots.py): a job with at most EDM_MAX_PASS_ROWS / (jobs in the table) images is evaluated on
+every pass, so a one-image request behind a 256-image job finishes in its own NFE passes.
+
+Progress of a job whose images are at different points: `nfe` in the job's record counts network
+evaluations summed over its images (finished ones included), out of images x NFE per image. A
+progress event describes the job's least advanced image still in the sampler (its step, sigma and
+evaluations so far, out of the NFE of one image) and counts the finished images; it carries x0
+previews of the images that the pass evaluated.
+
+Images are stored as soon as they finish; the job ends with its last image. A rerun after a worker
+death skips the images already stored. The first SIGTERM drains: nothing new is claimed or
+admitted, jobs with no image in a table go back to their queues at once, the images in the tables
+finish, then partly done jobs go back (a rerun does only their missing images). A second signal
+gives everything back at once. A main loop that stops completing passes while it holds work for
+EDM_HANG_TIMEOUT_S stops heartbeating (its jobs are rerun elsewhere) and exits if it ever returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import torch
+
+from model.generate import GeneratedImage
+from model.images import encode_png, to_pixels
+from model.samplers import SamplerSettings
+from model.slots import CohortEvaluation, FinishedImage, PassReport, SlotEngine
+from service import logs
+from service.contract import ImageInfo, JobResult, JobStatus
+from service.events import Frame
+from service.ledger import Outcome
+from worker.batcher import Claimed
+from worker.engine import Engine
+from worker.metrics import WorkerMetrics
+from worker.queue import WorkerQueue
+from worker.runner import State, Worker
+from worker.writer import Writer
+
+log = logging.getLogger("worker.stepper")
+
+
+@dataclass
+class Flight:
+    """A claimed job on this worker: which of its images wait, run, or are stored."""
+
+    job: Claimed
+    claimed_at: float
+    todo: list[int]                    # image indices not admitted yet, in order
+    stored: dict[int, ImageInfo]       # finished (here or by an earlier run), by index
+    settings: SamplerSettings
+    admitted_at: float | None = None   # when its first image entered a table (this run)
+    nfe_before: int = 0                # evaluations of the images an earlier run stored
+    nfe_done: int = 0                  # evaluations of its images in this run
+    where: dict[int, tuple[int, float, int]] = field(default_factory=dict)  # cohort id -> (step, sigma, nfe)
+    previews_every: int = 0
+    failed: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.job.id
+
+    @property
+    def finished(self) -> bool:
+        return len(self.stored) == self.job.spec.num_images
+
+
+class StepWorker(Worker):
+    def __init__(self, *, queue: WorkerQueue, engine: Engine, metrics: WorkerMetrics, slot_rows: int,
+                 cohort_rows: int, heartbeat_interval_s: float, hang_timeout_s: float = 120.0,
+                 block_s: float = 1.0, report_interval_s: float = 0.1,
+                 connect: Callable[[], redis.Redis] | None = None, device: str = "cpu", dtype: str = "auto"):
+        super().__init__(queue=queue, engine=engine, metrics=metrics, max_batch=engine.max_pass_rows,
+                         max_wait_s=0.0, heartbeat_interval_s=heartbeat_interval_s, block_s=block_s,
+                         connect=connect, device=device, dtype=dtype)
+        self.tables: dict[str, SlotEngine] = {name: engine.table(name, slot_rows) for name in engine.models}
+        self.cohort_rows = cohort_rows
+        self.hang_timeout_s = hang_timeout_s
+        self.report_interval_s = report_interval_s
+        self.flights: dict[str, Flight] = {}  # claim order
+        self.writer = Writer(metrics)
+        self.hung = False
+        self.last_pass_at = time.monotonic()
+        self._turn = 0
+        self._last_report = 0.0
+        self._cohort_seq = 0
+        self._flagged: set[str] = set()  # cancellation flags read by the writer's progress reports
+
+    # lifecycle
+
+    def run(self) -> int:
+        self.writer.start()
+        try:
+            return super().run()
+        finally:
+            self.writer.stop()
+
+    def _should_exit(self) -> bool:
+        if self.hung or self.stop_requests > 1:
+            return True
+        return bool(self.stop_requests) and not any(table.occupied for table in self.tables.values())
+
+    def _exit_code(self) -> int:
+        return 1 if self.hung else 0
+
+    def _ending_ids(self) -> set[str]:
+        return super()._ending_ids() | self.writer.ending()
+
+    def _give_back(self) -> None:
+        """At exit: what the writer holds is written first; then every claimed id not ended goes back."""
+        if not self.hung:
+            self.writer.flush(timeout_s=30.0)
+        for table in self.tables.values():
+            for group in table.groups():
+                table.cancel(group)
+        self.flights = {}
+        super()._give_back()
+
+    def _recover(self, error: Exception) -> None:
+        for table in self.tables.values():
+            for group in table.groups():
+                table.cancel(group)
+        self.flights = {}
+        super()._recover(error)
+
+    def _hung(self) -> bool:
+        holding = any(table.occupied for table in self.tables.values())
+        if holding and time.monotonic() - self.last_pass_at > self.hang_timeout_s:
+            if not self.hung:
+                self.hung = True
+                self.metrics.hung.set(1)
+                log.error("no forward pass completed for %.0f s while holding work: stopping the heartbeat so "
+                          "that other workers rerun this worker's jobs", self.hang_timeout_s)
+                try:
+                    self.queue.stop_heartbeat()
+                except redis.RedisError:
+                    pass  # the key expires by itself
+            return True
+        return False
+
+    # one turn
+
+    def step(self) -> None:
+        self._write_pending()
+        self._cancel_flagged()
+        draining = bool(self.stop_requests)
+        if draining:
+            self._give_back_unstarted()
+        else:
+            self._claim()
+            self._admit()
+        if not any(table.occupied for table in self.tables.values()):
+            self.state = State.idle
+            self._set_busy(0)
+            if not self.flights and not draining:
+                self._reconcile()
+                self._adopt(self._wait_for_work())
+            return
+        self.state = State.busy
+        self._pass()
+
+    def _claim(self) -> None:
+        """Claim jobs while a table has more free rows than the held images that could take them (a job
+        at its row limit waits for its own rows, not for free ones)."""
+        cap = self.engine.max_pass_rows
+        for model, table in self.tables.items():
+            while True:
+                waiting = sum(min(len(f.todo), max(0, cap - table.rows_of(f.id)))
+                              for f in self.flights.values() if f.job.spec.model == model)
+                room = table.free_rows - waiting
+                if room <= 0:
+                    break
+                claimed = self.queue.claim(model, min(room, 16))
+                if not claimed:
+                    break
+                self._adopt(claimed)
+
+    def _adopt(self, claimed: list[Claimed]) -> None:
+        now = time.time()
+        previews = self.queue.preview_every([job.id for job in claimed]) if claimed else {}
+        for job in claimed:
+            problem = self.engine.check(job.spec)
+            if problem is not None:
+                self._end([(job, Outcome(job.id, JobStatus.failed, error=problem))])
+                continue
+            stored = self.queue.stored_images(job.id)
+            settings = SamplerSettings(**job.spec.sampler.settings_kwargs())
+            flight = Flight(job, now, [k for k in range(job.spec.num_images) if k not in stored], stored, settings,
+                            nfe_before=len(stored) * job.spec.sampler.nfe_per_image)
+            flight.previews_every = previews.get(job.id, 0)
+            self.flights[job.id] = flight
+            if stored:
+                log.info("resuming a job: %d of %d images already stored", len(stored), job.spec.num_images,
+                         extra={"job_id": job.id})
+            if flight.finished:  # every image was stored by a run that died before the terminal write
+                self._succeed(flight)
+
+    def _admit(self) -> None:
+        """Free rows go to waiting images, a cohort per job per round, in claim order."""
+        for model, table in self.tables.items():
+            waiting = [f for f in self.flights.values() if f.todo and f.job.spec.model == model and not f.failed]
+            while waiting and table.free_rows:
+                progressed = False
+                for flight in waiting:
+                    room = min(table.free_rows, self.cohort_rows, self.engine.max_pass_rows - table.rows_of(flight.id))
+                    if room <= 0 or not flight.todo:
+                        continue
+                    self._admit_cohort(table, flight, flight.todo[:room])
+                    progressed = True
+                waiting = [f for f in waiting if f.todo and not f.failed]
+                if not progressed:
+                    break
+
+    def _admit_cohort(self, table: SlotEngine, flight: Flight, indices: list[int]) -> None:
+        spec = flight.job.spec
+        self._cohort_seq += 1
+        try:
+            table.admit(flight.id, [(self._cohort_seq, k) for k in indices], [spec.seeds[k] for k in indices],
+                        [spec.class_labels[k] for k in indices], flight.settings)
+        except (ValueError, ArithmeticError) as error:  # settings the sampler cannot compute
+            self._fail(flight, f"{type(error).__name__}: {error}")
+            return
+        del flight.todo[:len(indices)]
+        if flight.admitted_at is None:
+            flight.admitted_at = time.time()
+            flight.job.started = True
+            self.queue.mark_started(flight.job)
+            self.metrics.admission_wait.labels(spec.model).observe(flight.admitted_at - flight.claimed_at)
+            self.metrics.queue_wait.labels(spec.model).observe(max(0.0, flight.admitted_at - flight.job.created_at))
+
+    def _pass(self) -> None:
+        busy = [model for model, table in self.tables.items() if table.occupied]
+        model = busy[self._turn % len(busy)]
+        self._turn += 1
+        table = self.tables[model]
+        self._set_busy(sum(t.occupied for t in self.tables.values()))
+        started = time.perf_counter()
+        with_ids = logs.job_id.set(",".join(map(str, table.groups())))
+        try:
+            report = table.step()
+        finally:
+            logs.job_id.reset(with_ids)
+        elapsed = time.perf_counter() - started
+        if self.hung:
+            return  # our jobs are being rerun elsewhere: write nothing more
+        self.last_pass_at = time.monotonic()
+        self._observe(model, report, elapsed)
+        for group, error in report.failed.items():
+            flight = self.flights.get(str(group))
+            if flight is not None:
+                self._fail(flight, f"{type(error).__name__}: {error}")
+        self._progress(report)
+        self._store_images(report.finished)
+
+    def _observe(self, model: str, report: PassReport, elapsed: float) -> None:
+        if not report.rows_used:
+            return
+        self.metrics.passes.labels(model).inc()
+        self.metrics.pass_rows.labels(model).observe(report.rows_used)
+        self.metrics.padded_rows.labels(model).inc(report.rows_padded)
+        self.metrics.pass_seconds.labels(model).observe(elapsed)
+        self.metrics.nfe.labels(model).inc(report.rows_used)
+        rate = report.rows_used / max(elapsed, 1e-9)
+        self.nfe_per_s = rate if not self.nfe_per_s else 0.9 * self.nfe_per_s + 0.1 * rate
+
+    # results
+
+    def _store_images(self, finished: list[FinishedImage]) -> None:
+        by_job: dict[str, list[FinishedImage]] = {}
+        for image in finished:
+            by_job.setdefault(str(image.group), []).append(image)
+        for job_id, images in by_job.items():
+            flight = self.flights.get(job_id)
+            if flight is None or flight.failed:
+                continue
+            infos: list[tuple[int, GeneratedImage]] = []
+            for image in images:
+                index: int = image.key[1]  # type: ignore[index]
+                generated = GeneratedImage(image.seed, image.class_label, image.pixels)
+                infos.append((index, generated))
+                flight.stored[index] = ImageInfo(index=index, seed=image.seed, class_label=image.class_label,
+                                                 metadata={})  # the writer fills in the metadata
+            self.metrics.images.labels(flight.job.spec.model).inc(len(images))
+            self.writer.must("images", self._image_writer(flight, infos))
+            if flight.finished:
+                self._succeed(flight)
+
+    def _image_writer(self, flight: Flight, images: list[tuple[int, GeneratedImage]]) -> Callable[[], None]:
+        def write() -> None:
+            encoded = []
+            for index, image in images:
+                data, text = self.engine.encode(flight.job.spec, image)
+                info = ImageInfo(index=index, seed=image.seed, class_label=image.class_label, metadata=text)
+                flight.stored[index] = info
+                encoded.append((info, data))
+            self.queue.store_images(flight.id, encoded)
+        return write
+
+    def _succeed(self, flight: Flight) -> None:
+        self.flights.pop(flight.id, None)
+        elapsed = time.time() - (flight.admitted_at or time.time())
+        self.metrics.sampling.labels(flight.job.spec.model).observe(elapsed)
+
+        spec = flight.job.spec
+        final = {"step": spec.sampler.num_steps, "num_steps": spec.sampler.num_steps, "nfe_done": spec.nfe_total,
+                 "images_done": spec.num_images}
+        self.writer.best_effort("progress", lambda: self._flag(self.queue.report({flight.id: final})))
+
+        def outcome() -> Outcome:  # built in the writer: the images' metadata is filled in by then
+            images = [flight.stored[k] for k in sorted(flight.stored)]
+            return Outcome(flight.id, JobStatus.succeeded,
+                           result=JobResult(images=images, worker=self.queue.id, sampling_s=elapsed))
+        self._end_later(flight.job, outcome)
+
+    def _fail(self, flight: Flight, reason: str) -> None:
+        flight.failed = True
+        self.flights.pop(flight.id, None)
+        self.tables[flight.job.spec.model].cancel(flight.id)
+        log.warning("job failed in the sampler: %s", reason, extra={"job_id": flight.id})
+        self._end_later(flight.job, lambda: Outcome(flight.id, JobStatus.failed, error=reason[:1000]))
+
+    def _end(self, ended: list[tuple[Claimed, Outcome]]) -> None:
+        for job, outcome in ended:
+            self.flights.pop(job.id, None)
+            self._end_later(job, lambda outcome=outcome: outcome)  # type: ignore[misc]
+
+    def _end_later(self, job: Claimed, outcome: Callable[[], Outcome]) -> None:
+        def write() -> None:
+            ended = [(job, outcome())]
+            self._record_written(ended, self.queue.finish([ended[0][1]]))
+        self.writer.must("finish", write, ending=[job.id])
+
+    # cancellation and progress
+
+    def _cancel_flagged(self) -> None:
+        flagged = (self.cancels.snapshot() | self._flagged) & set(self.flights)
+        for job_id in flagged:
+            flight = self.flights.pop(job_id)
+            freed = self.tables[flight.job.spec.model].cancel(job_id)
+            log.info("job cancelled; %d rows freed", freed, extra={"job_id": job_id})
+            self._end_later(flight.job, lambda job_id=job_id: Outcome(job_id, JobStatus.cancelled))  # type: ignore[misc]
+
+    def _progress(self, report: PassReport) -> None:
+        """One progress event per job that this pass evaluated; the job records every report interval."""
+        by_job: dict[str, list[CohortEvaluation]] = {}
+        for ev in report.evaluated:
+            by_job.setdefault(str(ev.group), []).append(ev)
+        events: list[tuple[str, dict[str, Any], list[tuple[int, Any]]]] = []
+        for job_id, evaluations in by_job.items():
+            flight = self.flights.get(job_id)
+            if flight is None:
+                continue
+            previews: list[tuple[int, Any]] = []
+            for ev in evaluations:
+                flight.nfe_done += len(ev.keys)
+                cohort = ev.keys[0][0]  # type: ignore[index]
+                if ev.nfe == ev.nfe_total:
+                    flight.where.pop(cohort, None)
+                else:
+                    flight.where[cohort] = (ev.step, ev.sigma, ev.nfe)
+                every = flight.previews_every
+                if every > 0 and (ev.nfe % every == 0 or ev.nfe == ev.nfe_total):
+                    previews += [(key[1], ev.x0[i]) for i, key in enumerate(ev.keys)]  # type: ignore[index]
+            step, sigma, nfe = min(flight.where.values(), default=None, key=lambda w: w[2]) or (
+                evaluations[-1].step, evaluations[-1].sigma, evaluations[-1].nfe)
+            data = {"step": step + 1, "num_steps": flight.settings.num_steps, "sigma": sigma, "nfe": nfe,
+                    "nfe_total": flight.job.spec.sampler.nfe_per_image, "images_done": len(flight.stored)}
+            events.append((job_id, data, previews))
+        if events:
+            self.writer.best_effort("events", lambda: self._publish(events))
+        now = time.monotonic()
+        if now - self._last_report >= self.report_interval_s:
+            self._last_report = now
+            self._report()
+
+    def _publish(self, events: list[tuple[str, dict[str, Any], list[tuple[int, Any]]]]) -> None:
+        """In the writer: x0 previews to PNG, then every job's event in one script call."""
+        published = []
+        for job_id, data, previews in events:
+            pixels = to_pixels(torch.stack([x0 for _, x0 in previews])) if previews else ()
+            frames = [Frame(index, encode_png(image)) for (index, _), image in zip(previews, pixels, strict=True)]
+            published.append((job_id, data, frames))
+        self.queue.publish_progress(published)
+
+    def _report(self) -> None:
+        """The job records' progress fields; the cancellation flags and preview settings come back."""
+        fields = {}
+        for flight in self.flights.values():
+            if flight.admitted_at is None:
+                continue
+            step = min((w[0] for w in flight.where.values()), default=0)
+            fields[flight.id] = {"step": step + 1, "num_steps": flight.settings.num_steps,
+                                 "nfe_done": flight.nfe_before + flight.nfe_done, "images_done": len(flight.stored)}
+        if not fields:
+            return
+        flights = dict(self.flights)
+
+        def report() -> None:
+            self._flag(self.queue.report(fields))
+            for job_id, every in self.queue.preview_every(list(fields)).items():
+                if job_id in flights:
+                    flights[job_id].previews_every = every
+        self.writer.best_effort("progress", report)
+
+    def _flag(self, ids: set[str]) -> None:
+        """In the writer: cancellation flags read from the job records (the pub/sub message may be lost)."""
+        self._flagged = ids
+
+    def _give_back_unstarted(self) -> None:
+        """Draining: jobs with no image in a table go back to their queues now; the rest at exit."""
+        unstarted = [f for f in self.flights.values() if f.admitted_at is None]
+        if unstarted:
+            self.queue.unclaim([f.job for f in unstarted])
+            for flight in unstarted:
+                self.flights.pop(flight.id, None)
+
