@@ -135,7 +135,8 @@ def configured_models(settings: CommonSettings, *, only: Iterable[str] | None = 
             try:
                 models[name] = materialize(source, root, allow_http=settings.allow_http,
                                            max_bytes=settings.max_download_bytes,
-                                           max_parameters=settings.max_parameters, progress=on_progress)
+                                           max_parameters=settings.max_parameters, progress=on_progress,
+                                           retries=settings.download_retries)
             except ValueError as error:
                 raise CatalogError(f"model {name!r}: {error}") from None
     return models

@@ -59,6 +59,7 @@ class CommonSettings(BaseSettings):
                                    "$XDG_CACHE_HOME/edm-serve or ~/.cache/edm-serve")
     allow_http: bool = Field(default=False, description="allow plain http:// model downloads")
     max_download_bytes: int = Field(default=4 << 30, gt=0, description="largest model download")
+    download_retries: int = Field(default=5, ge=0, description="retries (resuming) of an interrupted download")
     max_parameters: int = Field(default=1_000_000_000, gt=0, description="largest network (weights) a "
                                 "checkpoint may hold or claim; larger ones are refused before they are built")
 
