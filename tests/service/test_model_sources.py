@@ -5,6 +5,7 @@ settings get the recommended ones."""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import httpx
 import pytest
@@ -107,3 +108,32 @@ def test_the_bundled_card_recommends_its_own_settings():
 
     path = bundled_card_path()
     assert path is not None and load_card(path).recommended == {"num_steps": 18}
+
+
+def test_two_workers_starting_together_download_and_convert_once(blob, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    root = Path(__file__).resolve().parents[2]
+    with FileServer({"/tiny.pkl": blob}) as server:
+        server.chunk, server.delay_s = 4096, 0.002  # ~0.4 s per download: the starts overlap
+        script = textwrap.dedent(f"""
+            import logging
+            logging.basicConfig(level=logging.INFO)
+            from service.catalog import configured_models
+            from service.settings import WorkerSettings
+            settings = WorkerSettings(models={{"tiny": {server.url('/tiny.pkl')!r}}}, bundled_model=False,
+                                      cache_dir={str(tmp_path)!r}, allow_http=True)
+            print(configured_models(settings)["tiny"])
+        """)
+        env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+        procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=env, cwd=root) for _ in range(2)]
+        outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert outs[0][0] == outs[1][0] and outs[0][0].strip().endswith("converted/tiny.json")
+    assert server.requests == [("/tiny.pkl", None)]
+    converting = [err.count("converting") for _, err in outs]
+    assert sorted(converting) == [0, 1], outs  # one converted, the other found the conversion
