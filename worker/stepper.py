@@ -181,13 +181,13 @@ class StepWorker(Worker):
         self._pass()
 
     def _claim(self) -> None:
-        """Claim jobs while a table has more free rows than the held images that could take them (a job
-        at its row limit waits for its own rows, not for free ones)."""
+        """Claim jobs while a table has more free rows than the claimed jobs that have no row yet can take:
+        a job already running never keeps a newer one from being claimed (and sharing the rows it frees)."""
         cap = self.engine.max_pass_rows
         for model, table in self.tables.items():
             while True:
-                waiting = sum(min(len(f.todo), max(0, cap - table.rows_of(f.id)))
-                              for f in self.flights.values() if f.job.spec.model == model)
+                waiting = sum(min(len(f.todo), cap) for f in self.flights.values()
+                              if f.job.spec.model == model and not table.rows_of(f.id))
                 room = table.free_rows - waiting
                 if room <= 0:
                     break

@@ -1,0 +1,125 @@
+"""The step scheduler's loop against a real Redis and the tiny model: a hung loop is detected, a drain
+gives back partly done jobs with their stored images, cancellation frees rows at once."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from service.contract import JobSpec, SamplerParams
+from service.ledger import Keys, Ledger
+from tests.integration.servers import wait_until
+from worker.engine import Engine
+from worker.metrics import WorkerMetrics
+from worker.queue import WorkerQueue
+from worker.stepper import StepWorker
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: Path) -> Engine:
+    served = Engine("cpu", "auto", max_pass_rows=4)
+    served.load(MODEL, tiny_model)
+    return served
+
+
+def spec(*seeds: int, steps: int = 3) -> JobSpec:
+    return JobSpec(model=MODEL, seeds=list(seeds), class_labels=[None] * len(seeds),
+                   sampler=SamplerParams(num_steps=steps))
+
+
+def make_worker(conn: redis.Redis, engine: Engine, name: str = "w1", **options: float) -> StepWorker:
+    queue = WorkerQueue(conn, name, result_ttl_s=60, failure_ttl_s=60, heartbeat_ttl_s=5, max_reruns=2)
+    return StepWorker(queue=queue, engine=engine, metrics=WorkerMetrics(), slot_rows=4, cohort_rows=2,
+                      heartbeat_interval_s=0.1, block_s=0.1, **options)  # type: ignore[arg-type]
+
+
+def start(worker: StepWorker) -> tuple[threading.Thread, list[int]]:
+    code: list[int] = []
+
+    def run() -> None:
+        code.append(worker.run())
+        worker.cancels.join(5)  # its listener shares the test's connection: let it stop first
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, code
+
+
+def test_a_hung_loop_stops_heartbeating_and_its_job_is_rerun_elsewhere(redis_conn: redis.Redis,
+                                                                       engine: Engine) -> None:
+    ledger = Ledger(redis_conn, result_ttl_s=60, failure_ttl_s=60)
+    worker = make_worker(redis_conn, engine, hang_timeout_s=1.0)
+    release = threading.Event()
+    real_step = worker.tables[MODEL].step
+    passes = [0]
+
+    def stuck_after_two() -> object:
+        passes[0] += 1
+        if passes[0] > 2:
+            release.wait(30)
+        return real_step()
+
+    worker.tables[MODEL].step = stuck_after_two  # type: ignore[method-assign]
+    thread, code = start(worker)
+    job_id, _ = ledger.submit(spec(1, 2, steps=20), "o")
+    wait_until(lambda: redis_conn.exists(Keys.heartbeat("w1")) and passes[0] > 2, 20)
+    hung_at = time.monotonic()
+    wait_until(lambda: not redis_conn.exists(Keys.heartbeat("w1")), 10)
+    assert time.monotonic() - hung_at < 3.0 and worker.metrics.hung._value.get() == 1
+    # Another worker's reaper gives the job back to its queue at once (no heartbeat TTL to wait out).
+    other = WorkerQueue(redis_conn, "w2", result_ttl_s=60, failure_ttl_s=60, heartbeat_ttl_s=5, max_reruns=2)
+    assert other.reap() == [(job_id, "requeued")]
+    assert ledger.record(job_id).reruns == 1  # type: ignore[union-attr]
+    release.set()
+    thread.join(20)
+    assert code == [1]
+    assert redis_conn.lrange(Keys.queue(MODEL), 0, -1) == [job_id.encode()]  # still queued, nothing written
+    assert not redis_conn.hlen(Keys.images(job_id))
+
+
+def test_drain_finishes_what_is_in_the_table_and_gives_back_the_rest(redis_conn: redis.Redis,
+                                                                      engine: Engine) -> None:
+    ledger = Ledger(redis_conn, result_ttl_s=60, failure_ttl_s=60)
+    worker = make_worker(redis_conn, engine)
+    thread, code = start(worker)
+    big, _ = ledger.submit(spec(*range(10), steps=30), "o")  # 4 rows at a time: 3 waves or more
+    wait_until(lambda: redis_conn.hlen(Keys.images(big)) >= 2, 60, interval_s=0.01)
+    waiting, _ = ledger.submit(spec(50, steps=3), "o")
+    worker.request_stop()
+    thread.join(60)
+    assert code == [0]
+    stored = redis_conn.hlen(Keys.images(big))
+    assert 2 <= stored < 10
+    assert redis_conn.lrange(Keys.queue(MODEL), 0, -1) == [big.encode(), waiting.encode()]
+    assert ledger.record(big).reruns == 0 and ledger.status(waiting).value == "queued"  # type: ignore[union-attr]
+    # A second worker reruns only the missing images; the job ends with all ten, in order.
+    second = make_worker(redis_conn, engine, name="w2")
+    thread, _ = start(second)
+    wait_until(lambda: ledger.status(big).terminal and ledger.status(waiting).terminal, 60)  # type: ignore[union-attr]
+    second.request_stop()
+    thread.join(30)
+    record = ledger.record(big)
+    assert record is not None and [image.seed for image in record.result.images] == list(range(10))  # type: ignore[union-attr]
+    assert second.metrics.images.labels(MODEL)._value.get() == 10 - stored + 1
+
+
+def test_cancel_frees_rows_for_the_next_job(redis_conn: redis.Redis, engine: Engine) -> None:
+    ledger = Ledger(redis_conn, result_ttl_s=60, failure_ttl_s=60)
+    worker = make_worker(redis_conn, engine)
+    thread, _ = start(worker)
+    long, _ = ledger.submit(spec(1, 2, 3, 4, steps=400), "o")
+    wait_until(lambda: worker.tables[MODEL].rows_of(long) == 4, 20, interval_s=0.01)
+    small, _ = ledger.submit(spec(9, steps=3), "o")
+    time.sleep(0.3)
+    assert worker.tables[MODEL].rows_of(small) == 0 and ledger.status(small).value == "queued"  # type: ignore[union-attr]
+    ledger.cancel(long)
+    wait_until(lambda: ledger.status(small).value == "succeeded", 20)  # type: ignore[union-attr]
+    assert ledger.status(long).value == "cancelled"  # type: ignore[union-attr]
+    worker.request_stop()
+    thread.join(30)
