@@ -190,7 +190,7 @@ def test_optional_settings_pass_through_only_when_set() -> None:
     and absent otherwise (so its default applies); interpolated ones get their defaults."""
     raw = load_yaml(COMPOSE)
     env = raw["services"]["worker"]["environment"]
-    assert env["EDM_MODELS"] is None and env["EDM_MAX_BATCH"] is None
+    assert env["EDM_MODELS"] is None and env["EDM_MAX_PASS_ROWS"] is None
     assert raw["services"]["gateway"]["environment"]["EDM_API_KEYS"] is None
 
 

@@ -51,10 +51,13 @@ def test_the_panels_the_issue_lists(dashboard: dict) -> None:
         "Queue wait": "edm_queue_wait_seconds_bucket",
         "Queued jobs": "edm_queued_jobs",
         "Queued NFE": "edm_queued_nfe",
-        "Images per forward pass (batch size)": "edm_forward_batch_images_sum",
+        "Rows per forward pass (used and padded)": "edm_pass_rows_sum",
+        "Forward passes/s per worker": "edm_passes_total",
+        "Admission wait and pass-loop wait": "edm_admission_wait_seconds_bucket",
+        "Images in the slot tables": "edm_slot_rows_used",
         "NFE/s per worker": "edm_nfe_total",
         "Images/s per worker": "edm_images_total",
-        "Worker busy fraction": "edm_sampling_seconds_sum",
+        "Worker busy fraction": "edm_pass_seconds_sum",
         "Model load time": "edm_model_load_seconds",
     }
     for title, metric in wanted.items():
