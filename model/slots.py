@@ -74,6 +74,9 @@ class PassSizes:
         sizes = [size for size in (8, 16, 32, 64, 128, 256, 512) if size < max_pass_rows]
         return PassSizes(tuple(sizes) + (max_pass_rows,))
 
+    def __str__(self) -> str:
+        return ",".join(map(str, self.sizes)) if self.sizes else f"{self.min_rows}+"
+
     @staticmethod
     def parse(text: str) -> PassSizes:
         """'auto' is handled by the caller; '4+' = any count from 4; '8,16,32' = those sizes."""
