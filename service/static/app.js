@@ -457,18 +457,32 @@ function checkpointPath(model) {
 const CLI_FLAGS = { num_steps: "--steps", discretization: "--disc" };
 const DTYPES = { float32: "fp32", float16: "fp16", bfloat16: "bf16" };
 
+// The request settings an image's PNG metadata records (edm:num_steps, ...), defaults left out.
+function settingsFromMetadata(meta) {
+  const out = {};
+  for (const f of SAMPLER_FIELDS) {
+    const value = meta[`edm:${f.name}`];
+    if (value === undefined || value === "none" || value === "inf" || sameValue(value, DEFAULTS[f.name])) continue;
+    out[f.name] = NUMERIC.has(f.name) ? Number(value) : value;
+  }
+  return out;
+}
+
 function showReproduce(run, cell) {
-  const body = { ...run.body, seeds: [cell.seed] };
+  const meta = (cell.info && cell.info.metadata) || {};
+  // a job opened by id: its settings and class come from the image itself
+  const body = run.body.seeds && !run.opened ? { ...run.body, seeds: [cell.seed] }
+    : { model: run.opts.model, seeds: [cell.seed], class_label: cell.info ? cell.info.class_label : undefined,
+      ...settingsFromMetadata(meta) };
   const auth = apiKey.get() ? ` -H "Authorization: Bearer $EDM_API_KEY"` : "";
   const file = `${String(cell.seed).padStart(6, "0")}.png`;
   $("reproduce-curl").textContent = `curl -s ${location.origin}/v1/generate -H 'Content-Type: application/json'` +
     ` -H 'Accept: image/png'${auth} \\\n  -d ${quote(JSON.stringify(body))} -o ${file}`;
   const model = state.models.find((m) => m.name === run.opts.model);
-  const meta = (cell.info && cell.info.metadata) || {};
   const args = [`edm-serve sample --model ${checkpointPath(model)} --seeds ${cell.seed}`];
-  if (run.body.class_label !== undefined && cell.info) args.push(`--class ${cell.info.class_label}`);
+  if (body.class_label !== undefined && body.class_label !== null && cell.info) args.push(`--class ${cell.info.class_label}`);
   for (const f of SAMPLER_FIELDS) {
-    if (run.body[f.name] !== undefined) args.push(`${CLI_FLAGS[f.name] || `--${f.name}`} ${run.body[f.name]}`);
+    if (body[f.name] !== undefined) args.push(`${CLI_FLAGS[f.name] || `--${f.name}`} ${body[f.name]}`);
   }
   const device = meta["edm:device_type"] || "cpu";
   args.push(`--device ${device}`);
@@ -601,7 +615,7 @@ async function openJob(event) {
   }
   resetRuns(1);
   const body = { model: job.model, seeds: job.seeds };
-  addRun({ side: "a", title: `Job ${job.id}`, job, body, pressedAt: null });
+  addRun({ side: "a", title: `Job ${job.id}`, job, body, pressedAt: null }).opened = true;
 }
 
 // -- start ------------------------------------------------------------------------------------------

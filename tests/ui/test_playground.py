@@ -218,6 +218,10 @@ def test_api_keys_wrong_key_and_another_keys_job(keyed: Watched, ui_stack: UISta
     page.fill("#job_id", ours)
     page.click("#open-job")
     wait_status(page, "a", "succeeded")
+    page.locator(".cell button", has_text="Reproduce").click()  # its settings come from the PNG's metadata
+    curl = page.locator("#reproduce-curl").inner_text()
+    assert '"num_steps":2' in curl and '"seeds":[0]' in curl and 'Authorization: Bearer $EDM_API_KEY' in curl
+    assert "--steps 2" in page.locator("#reproduce-cli").inner_text()
 
     fresh = keyed.new_tab()  # a new tab has no session key: it asks again
     fresh.goto(ui_stack.keyed_url + "/")
