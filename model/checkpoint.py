@@ -15,6 +15,7 @@ arguments, then the weights must match exactly.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
@@ -25,7 +26,6 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
-from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from model.card import CARD_FORMAT_VERSION, CardError, ModelCard, load_card
@@ -214,21 +214,74 @@ def _read_card(card_path: Path) -> ModelCard:
         raise CheckpointError(str(e)) from None
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _safetensors_views(blob: torch.Tensor, source: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (`blob`, uint8) as views of it: no copy, except where a
+    tensor is not aligned to its element size. So a loaded network's weights share one storage
+    (pickling one duplicates it; safetensors and torch.save do not). Layout: u64 header size, JSON
+    header {name: {dtype, shape, data_offsets}}, then the data, every byte in exactly one tensor."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{source}: not a readable safetensors file: {why}")
+
+    if len(blob) < 8:
+        raise bad("shorter than its header size")
+    size = int.from_bytes(blob[:8].numpy().tobytes(), "little")
+    if size > min(len(blob) - 8, 100 << 20):
+        raise bad(f"header of {size} bytes")
+    try:
+        header = json.loads(blob[8:8 + size].numpy().tobytes())
+    except ValueError as e:
+        raise bad(f"header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    header.pop("__metadata__", None)
+    start = 8 + size
+    base = blob
+    tensors: dict[str, torch.Tensor] = {}
+    spans = []
+    for name, info in header.items():
+        dtype = _SAFETENSORS_DTYPES.get(str(info.get("dtype"))) if isinstance(info, dict) else None
+        shape, offsets = (info.get("shape"), info.get("data_offsets")) if isinstance(info, dict) else (None, None)
+        if (dtype is None or not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) for o in offsets)):
+            raise bad(f"bad entry for {name[:100]!r}")
+        begin, end = offsets
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if not 0 <= begin <= end <= len(blob) - start or end - begin != math.prod(shape) * itemsize:
+            raise bad(f"{name[:100]!r} has offsets {offsets} for shape {shape} {info['dtype']}")
+        spans.append((begin, end))
+        view = base[start + begin:start + end]
+        if view.data_ptr() % itemsize:
+            view = view.clone()  # torch kernels expect aligned elements
+        tensors[name] = view.view(dtype).reshape(shape)
+    spans.sort()
+    ends = [0, *(e for _, e in spans)]
+    if [b for b, _ in spans] != ends[:-1] or ends[-1] != len(blob) - start:
+        raise bad("tensors overlap or leave gaps in the data")
+    return tensors
+
+
 def _load_ours(card_path: Path, device: str | torch.device, max_parameters: int | None) -> LoadedModel:
     card = _read_card(card_path)
     weights_path = card_path.parent / card.weights_file
     try:
-        blob = weights_path.read_bytes()  # hash and parse the same bytes
+        with open(weights_path, "rb") as f:  # hash and parse the same bytes, read once into one buffer
+            blob = torch.empty(os.fstat(f.fileno()).st_size, dtype=torch.uint8)  # not zero-filled
+            raw: Any = blob.numpy()  # the same memory, as a buffer
+            if f.readinto(raw) != blob.numel() or f.read(1):
+                raise OSError("the file changed while it was read")
     except OSError as e:
         raise CheckpointError(f"{card_path.name}: cannot read weights {card.weights_file}: {e}") from None
-    actual = hashlib.sha256(blob).hexdigest()
+    actual = hashlib.sha256(raw).hexdigest()
     if actual != card.weights_sha256:
         raise CheckpointError(f"{weights_path.name}: sha256 {actual} does not match the card's "
                               f"{card.weights_sha256} ({card_path.name}); the weights were changed or replaced")
-    try:
-        tensors = safetensors_load(blob)
-    except Exception as e:  # safetensors raises its own SafetensorError
-        raise CheckpointError(f"{weights_path.name}: not a readable safetensors file: {e}") from None
+    tensors = _safetensors_views(blob, weights_path.name)
     spec = NetworkSpec(card.preconditioner, card.architecture, dict(card.precond_kwargs),
                        dict(card.network_kwargs))
     del blob

@@ -236,3 +236,30 @@ def test_nested_tuple_keys_are_refused_before_hashing(tmp_path):
     path.write_bytes(b"\x80\x02}" + body + b"K\x01s.")  # {key: 1}: EMPTY_DICT, key, 1, SETITEM, STOP
     result = probe(path)
     assert "not a plain key" in result["error"] and result["seconds"] < 5
+
+
+def test_safetensors_whose_header_overlaps_or_misstates_sizes_is_refused(tmp_path):
+    from model.checkpoint import save_model
+
+    save_model(tiny_net(), tmp_path / "t.json", name="t", init_kwargs=TINY_KWARGS)
+    weights, card_path = tmp_path / "t.safetensors", tmp_path / "t.json"
+    blob = weights.read_bytes()
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size])
+    names = [k for k in header if k != "__metadata__"]
+    for tamper, message in (("overlap", "overlap or leave gaps"), ("shape", "has offsets")):
+        h = json.loads(json.dumps(header))
+        if tamper == "overlap":  # two tensors over the same bytes (and a gap elsewhere)
+            h[names[1]]["data_offsets"] = h[names[0]]["data_offsets"]
+            h[names[1]]["shape"], h[names[1]]["dtype"] = h[names[0]]["shape"], h[names[0]]["dtype"]
+        else:  # a shape larger than its bytes
+            h[names[0]]["shape"] = [1 << 20]
+        text = json.dumps(h).encode()
+        text += b" " * (-len(text) % 8)
+        tampered = len(text).to_bytes(8, "little") + text + blob[8 + size:]
+        weights.write_bytes(tampered)
+        card = json.loads(card_path.read_text())
+        card["weights_sha256"] = hashlib.sha256(tampered).hexdigest()  # a card made to match
+        card_path.write_text(json.dumps(card))
+        with pytest.raises(nvlabs_pickle.CheckpointError, match=message):
+            load_model(card_path)
