@@ -26,7 +26,7 @@ test: test-tools
 
 lint:
 	$(BIN)/ruff check .
-	$(BIN)/mypy model service worker
+	$(BIN)/mypy contract model service worker
 
 # The gRPC stubs: generated from proto/edm/v1/*.proto into service/grpc_gen/ (gitignored, never
 # edited). grpc_tools writes `from edm.v1 import x_pb2`; sed turns that into the package path.

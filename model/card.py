@@ -38,7 +38,7 @@ CARD_FORMAT_VERSION = 1
 ARCHITECTURES = ("SongUNet", "DhariwalUNet")
 PRECONDITIONER_NAMES = ("VPPrecond", "VEPrecond", "iDDPMPrecond", "EDMPrecond")
 
-# The sampler settings a request may give (service/contract.py SamplerParams; generate.py's options).
+# The sampler settings a request may give (contract/jobs.py SamplerParams; generate.py's options).
 SAMPLER_FIELDS = ("num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise", "solver",
                   "discretization", "schedule", "scaling")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"

@@ -10,15 +10,16 @@ from typing import Protocol
 import anyio.to_thread
 from fastapi import FastAPI
 
+from contract.ledger import connect
+from contract.version import software_version
 from service import errors
 from service.auth import key_hash
 from service.catalog import Catalog
-from service.ledger import Ledger, connect
+from service.ledger import Ledger
 from service.metrics import GatewayMetrics
 from service.middleware import RequestContext
 from service.routes import events, generate, health, jobs, models, ui
 from service.settings import GatewaySettings
-from service.version import software_version
 
 log = logging.getLogger("service.app")
 

@@ -22,10 +22,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from contract.settings import CommonSettings, parse_models
 from model.card import CardError, ModelCard, load_card
 from model.download import Progress, default_cache_dir
 from model.sources import Source, cached_card_path, materialize, parse_source
-from service.settings import CommonSettings, parse_models
 
 log = logging.getLogger("service.catalog")
 

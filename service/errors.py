@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import logs
+from contract import logs
 
 PROBLEM_JSON = "application/problem+json"
 log = logging.getLogger("service.errors")

@@ -6,8 +6,8 @@ import hashlib
 import logging
 import math
 
+from contract.jobs import JobSpec, JobStatus
 from service.catalog import Catalog
-from service.contract import JobSpec, JobStatus
 from service.errors import Problem
 from service.ledger import IdempotencyConflict, JobRecord, Ledger
 from service.metrics import GatewayMetrics

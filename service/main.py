@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from service.logs import setup_logging
+from contract.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from service import logs
+from contract import logs
 from service.errors import Problem, internal_error, problem_response
 from service.metrics import GatewayMetrics
 

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from service.contract import SEED_LIMIT, JobStatus, Progress, SamplerParams
+from contract.jobs import SEED_LIMIT, JobStatus, Progress, SamplerParams
 
 Seed = Annotated[StrictInt, Field(ge=0, lt=SEED_LIMIT)]
 

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
+from contract.jobs import SEED_LIMIT, JobSpec
 from model.card import ModelCard
-from service.contract import SEED_LIMIT, JobSpec
 from service.errors import invalid
 from service.schemas import GenerateRequest
 

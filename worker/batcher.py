@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from service.contract import ImageInfo, JobSpec
+from contract.jobs import ImageInfo, JobSpec
 
 
 @dataclass

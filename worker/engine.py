@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
+from contract.jobs import JobSpec
+from contract.version import software_version
 from model.card import ModelCard
 from model.checkpoint import load_model
 from model.generate import EvalEvent, GeneratedImage, SamplerSettings, use_batch_invariant_kernels
 from model.images import encode_png
 from model.slots import PassSizes, SlotEngine, cohorts_of
-from service.contract import JobSpec
-from service.version import software_version
 from worker.batcher import Slice
 
 log = logging.getLogger("worker.engine")

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="worker name prefix [EDM_NAME, default host name]")
     args = parser.parse_args(argv)
 
-    from service.settings import WorkerSettings
+    from contract.settings import WorkerSettings
 
     overrides = {"serve": args.serve, "device": args.device, "dtype": args.dtype, "scheduler": args.scheduler,
                  "max_pass_rows": args.max_pass_rows, "slot_rows": args.slot_rows, "cohort_rows": args.cohort_rows,
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                  "max_wait_s": args.max_wait, "metrics_port": args.metrics_port, "redis_url": args.redis_url,
                  "name": args.name}
     settings = WorkerSettings(**{k: v for k, v in overrides.items() if v is not None})
-    from service.logs import setup_logging
+    from contract.logs import setup_logging
 
     setup_logging("worker", settings.log_level)
     os.environ.setdefault("OMP_NUM_THREADS", str(settings.torch_threads))
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(settings) -> int:  # noqa: ANN001 - WorkerSettings, imported lazily above
     import torch
 
+    from contract.ledger import connect
     from service.catalog import catalog_card_json, configured_models
-    from service.ledger import connect
     from worker.engine import Engine
     from worker.metrics import WorkerMetrics
     from worker.queue import WorkerQueue

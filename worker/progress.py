@@ -20,9 +20,9 @@ from typing import Any, TypeVar
 
 import redis
 
+from contract.events import Frame
 from model.generate import EvalEvent
 from model.images import encode_png, to_pixels
-from service.events import Frame
 from worker.batcher import Slice, batch_rows
 from worker.metrics import WorkerMetrics
 

@@ -24,9 +24,9 @@ from rq.job import JobStatus as RQStatus
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from service.contract import ImageInfo, JobSpec, JobStatus, WorkerInfo
-from service.events import PREVIEW_FIELD, STREAM_MAXLEN, Frame, add_event, events_key
-from service.ledger import Keys, Outcome, finish, rq_time, text
+from contract.events import PREVIEW_FIELD, STREAM_MAXLEN, Frame, add_event, events_key
+from contract.jobs import ImageInfo, JobSpec, JobStatus, WorkerInfo
+from contract.ledger import Keys, Outcome, finish, rq_time, text
 from worker.batcher import Claimed
 
 log = logging.getLogger("worker.queue")

@@ -18,10 +18,10 @@ from collections.abc import Callable
 
 import redis
 
+from contract import logs
+from contract.jobs import ImageInfo, JobResult, JobStatus, WorkerInfo
+from contract.ledger import Keys, Outcome, text
 from model.generate import GeneratedImage
-from service import logs
-from service.contract import ImageInfo, JobResult, JobStatus, WorkerInfo
-from service.ledger import Keys, Outcome, text
 from worker.batcher import Claimed, Slice, plan_batch
 from worker.engine import Engine
 from worker.metrics import WorkerMetrics

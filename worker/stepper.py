@@ -43,14 +43,14 @@ from typing import Any
 import redis
 import torch
 
+from contract import logs
+from contract.events import Frame
+from contract.jobs import ImageInfo, JobResult, JobStatus
+from contract.ledger import Outcome
 from model.generate import GeneratedImage
 from model.images import encode_png, to_pixels
 from model.samplers import SamplerSettings
 from model.slots import CohortEvaluation, FinishedImage, PassReport, SlotEngine
-from service import logs
-from service.contract import ImageInfo, JobResult, JobStatus
-from service.events import Frame
-from service.ledger import Outcome
 from worker.batcher import Claimed
 from worker.engine import Engine
 from worker.metrics import WorkerMetrics

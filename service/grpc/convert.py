@@ -13,9 +13,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from service.contract import ImageInfo, JobStatus
+from contract.events import JobEvent
+from contract.jobs import ImageInfo, JobStatus
 from service.errors import field_path
-from service.events import JobEvent
 from service.grpc.stubs import job_pb2, service_pb2
 from service.jobs import job_view
 from service.ledger import JobRecord

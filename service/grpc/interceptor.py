@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from service import logs
+from contract import logs
 from service.grpc.errors import RpcFailure, to_failure
 from service.metrics import GatewayMetrics
 

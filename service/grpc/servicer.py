@@ -18,14 +18,16 @@ from typing import Any
 import grpc
 import redis
 
-from service.contract import JobStatus
-from service.events import EventReader, JobEvent, set_preview_every
+from contract.events import JobEvent
+from contract.jobs import JobStatus
+from contract.ledger import Keys, text
+from service.events import EventReader, set_preview_every
 from service.grpc import convert
 from service.grpc.auth import owner_of_call
 from service.grpc.errors import RpcFailure, invalid_argument
 from service.grpc.stubs import service_grpc, service_pb2
 from service.jobs import admit, resolve_request, visible_record
-from service.ledger import Keys, Ledger, text
+from service.ledger import Ledger
 
 log = logging.getLogger("service.grpc")
 _STREAM_ID = re.compile(r"^\d+(-\d+)?$")

@@ -21,9 +21,10 @@ import redis
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
 
+from contract.events import JobEvent
 from service.deps import LedgerDep, OwnerDep
 from service.errors import invalid
-from service.events import EventReader, JobEvent, last_event
+from service.events import EventReader, last_event
 from service.jobs import visible_record
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])

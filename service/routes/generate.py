@@ -13,7 +13,7 @@ import time
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.contract import JobStatus
+from contract.jobs import JobStatus
 from service.deps import CatalogDep, IdempotencyKeyDep, LedgerDep, MetricsDep, OwnerDep, SettingsDep
 from service.errors import Problem
 from service.jobs import admit, job_url, job_view, resolve_request, visible_record

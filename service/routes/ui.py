@@ -15,11 +15,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, JSONResponse
 
-from service.contract import JobSpec
+from contract.events import PREVIEW_FIELD
+from contract.jobs import JobSpec
+from contract.ledger import Keys
 from service.deps import CatalogDep, IdempotencyKeyDep, LedgerDep, MetricsDep, OwnerDep, SettingsDep
 from service.errors import Problem
-from service.events import PREVIEW_FIELD
-from service.ledger import Keys, Ledger
+from service.ledger import Ledger
 from service.routes.jobs import submit_job
 from service.schemas import GenerateRequest, JobView
 

@@ -221,7 +221,7 @@ def schema_errors(schema: dict[str, Any], document: Any) -> list[str]:
 def exported_metric_names() -> set[str]:
     """Every sample name the gateway and worker registries export (counters as *_total, histograms
     as *_bucket/_sum/_count), from the real metric classes."""
-    from service.contract import WorkerInfo
+    from contract.jobs import WorkerInfo
     from service.metrics import GatewayMetrics
     from worker.metrics import WorkerMetrics
 

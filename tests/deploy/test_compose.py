@@ -173,7 +173,8 @@ def test_cpu_override_drops_the_gpu_and_changes_only_the_worker(gpu: dict[str, A
 
 def test_edm_variables_are_real_settings(gpu: dict[str, Any], cpu: dict[str, Any]) -> None:
     """Every EDM_* variable the compose files set is a field of the process's settings class."""
-    from service.settings import GatewaySettings, WorkerSettings
+    from contract.settings import WorkerSettings
+    from service.settings import GatewaySettings
 
     known = {"gateway": settings_vars(GatewaySettings), "worker": settings_vars(WorkerSettings) | ENTRYPOINT_VARS}
     for model in (gpu, cpu):

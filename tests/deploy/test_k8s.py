@@ -95,7 +95,8 @@ def test_same_images_commands_and_ports_as_compose(docs: list[dict[str, Any]], c
 
 
 def test_same_settings_as_compose(docs: list[dict[str, Any]], compose: dict[str, Any]) -> None:
-    from service.settings import GatewaySettings, WorkerSettings
+    from contract.settings import WorkerSettings
+    from service.settings import GatewaySettings
 
     for name, settings in (("gateway", GatewaySettings), ("worker", WorkerSettings)):
         env = k8s_env(docs, container(docs, "Deployment", name))
@@ -128,8 +129,8 @@ def test_worker_gets_a_gpu_and_time_to_drain(docs: list[dict[str, Any]]) -> None
 
 
 def test_keda_scales_the_worker_on_the_rq_queue_list(docs: list[dict[str, Any]]) -> None:
+    from contract.ledger import Keys
     from model.bundled import DEFAULT_MODEL
-    from service.ledger import Keys
 
     scaled = find(docs, "ScaledObject", "worker")
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"

@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from service.contract import WorkerInfo
+from contract.jobs import WorkerInfo
 from service.grpc.stubs import job_pb2, service_grpc, service_pb2
 from service.up import free_port
 from tests.grpc.conftest import MODEL, Stack, kind, spec, stream_request

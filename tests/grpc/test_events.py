@@ -6,11 +6,13 @@ from __future__ import annotations
 import redis
 import torch
 
+from contract.events import Frame, events_key
+from contract.jobs import ImageInfo, JobResult, JobSpec, JobStatus, SamplerParams
+from contract.ledger import Outcome
 from model.generate import EvalEvent
 from model.images import decode_png, to_pixels
-from service.contract import ImageInfo, JobResult, JobSpec, JobStatus, SamplerParams
-from service.events import EventReader, Frame, events_key, set_preview_every
-from service.ledger import Ledger, Outcome
+from service.events import EventReader, set_preview_every
+from service.ledger import Ledger
 from tests.worker.test_batcher import job
 from worker.batcher import plan_batch
 from worker.metrics import WorkerMetrics

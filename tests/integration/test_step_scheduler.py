@@ -12,12 +12,12 @@ import httpx
 import numpy as np
 import pytest
 
+from contract.jobs import JobSpec, SamplerParams
 from model.checkpoint import load_model
 from model.generate import generate
 from model.images import decode_png
 from model.samplers import SamplerSettings
 from service.auth import ANONYMOUS
-from service.contract import JobSpec, SamplerParams
 from service.ledger import Ledger
 from service.up import free_port
 from tests.integration.servers import RedisServer, spawn_worker, stack_env, start_gateway, wait_until, wait_worker

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from contract.jobs import SamplerParams
 from model.catalogue import CATALOGUE, EDM_BASE_URL, lookup
 from model.networks import NETWORKS
-from service.contract import SamplerParams
 
 REFERENCE = Path("/work/shared/reference/configs.json")
 

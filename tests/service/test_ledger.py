@@ -9,8 +9,9 @@ import pytest
 import redis
 
 import service.ledger
-from service.contract import JobSpec, JobStatus
-from service.ledger import Keys, Ledger
+from contract.jobs import JobSpec, JobStatus
+from contract.ledger import Keys
+from service.ledger import Ledger
 
 MODEL = "tiny"
 

@@ -10,12 +10,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from contract.settings import WorkerSettings
 from model.card import ModelCard
 from model.catalogue import CATALOGUE, CatalogueEntry
 from service.app import create_app
 from service.catalog import Catalog, configured_models, configured_sources
 from service.schemas import GenerateRequest
-from service.settings import GatewaySettings, WorkerSettings
+from service.settings import GatewaySettings
 from service.validation import resolve
 from tests.integration.servers import RedisServer, ThreadedServer
 from tests.model import nvlabs_format as nv
@@ -123,7 +124,7 @@ def test_two_workers_starting_together_download_and_convert_once(blob, tmp_path)
             import logging
             logging.basicConfig(level=logging.INFO)
             from service.catalog import configured_models
-            from service.settings import WorkerSettings
+            from contract.settings import WorkerSettings
             settings = WorkerSettings(models={{"tiny": {server.url('/tiny.pkl')!r}}}, bundled_model=False,
                                       cache_dir={str(tmp_path)!r}, allow_http=True)
             print(configured_models(settings)["tiny"])

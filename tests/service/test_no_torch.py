@@ -14,7 +14,7 @@ PROBE = """
 import sys
 from service.app import create_app
 from service.settings import GatewaySettings
-import service.main, service.up, service.cli, service.contract, service.ledger, service.catalog
+import service.main, service.up, service.cli, contract.jobs, contract.ledger, service.ledger, service.catalog
 app = create_app(GatewaySettings())
 assert app.state.catalog.card("tiny", dict).label_dim == 10
 leaked = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from contract.jobs import JobSpec, SamplerParams
+from contract.settings import parse_models
 from model.card import ModelCard
-from service.contract import JobSpec, SamplerParams
 from service.errors import Problem
 from service.schemas import GenerateRequest
-from service.settings import GatewaySettings, parse_models
+from service.settings import GatewaySettings
 from service.validation import resolve
 
 CARD = ModelCard(name="digits", architecture="SongUNet", preconditioner="EDMPrecond", img_resolution=8,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.contract import JobSpec, SamplerParams
+from contract.jobs import JobSpec, SamplerParams
 from worker.batcher import Claimed, batch_rows, plan_batch
 
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from contract.jobs import JobSpec, SamplerParams
 from model.checkpoint import load_model
 from model.generate import SamplerSettings, generate
 from model.images import decode_png, read_png_text
-from service.contract import JobSpec, SamplerParams
 from worker.batcher import Claimed, plan_batch
 from worker.engine import Engine
 

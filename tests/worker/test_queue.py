@@ -6,8 +6,9 @@ import time
 
 import redis
 
-from service.contract import ImageInfo, JobResult, JobSpec, JobStatus, SamplerParams, WorkerInfo
-from service.ledger import Ledger, Outcome
+from contract.jobs import ImageInfo, JobResult, JobSpec, JobStatus, SamplerParams, WorkerInfo
+from contract.ledger import Outcome
+from service.ledger import Ledger
 from worker.queue import WorkerQueue
 
 

@@ -14,8 +14,9 @@ import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from service.contract import JobSpec, JobStatus, SamplerParams
-from service.ledger import JOB_FUNC, Keys, Ledger
+from contract.jobs import JobSpec, JobStatus, SamplerParams
+from contract.ledger import JOB_FUNC, Keys
+from service.ledger import Ledger
 from worker.engine import Engine
 from worker.metrics import WorkerMetrics
 from worker.queue import WorkerQueue

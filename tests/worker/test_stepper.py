@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from service.contract import JobSpec, SamplerParams
-from service.ledger import Keys, Ledger
+from contract.jobs import JobSpec, SamplerParams
+from contract.ledger import Keys
+from service.ledger import Ledger
 from tests.integration.servers import wait_until
 from worker.engine import Engine
 from worker.metrics import WorkerMetrics
