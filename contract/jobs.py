@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SOLVERS = ("euler", "heun")
-DISCRETIZATIONS = ("vp", "ve", "iddpm", "edm")
-SCHEDULES = ("vp", "ve", "linear")
-SCALINGS = ("vp", "none")
+from model.choices import Discretization, Scaling, Schedule, Solver, nfe_per_image
 
 SEED_LIMIT = 1 << 32  # the reference seeds each generator with seed % 2**32; we refuse the aliases
 
@@ -39,15 +36,15 @@ class SamplerParams(BaseModel):
     S_min: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     S_max: float | None = Field(default=None, ge=0, allow_inf_nan=False, description="None = infinity")
     S_noise: float = Field(default=1.0, ge=0, allow_inf_nan=False)
-    solver: Literal["euler", "heun"] | None = None
-    discretization: Literal["vp", "ve", "iddpm", "edm"] | None = None
-    schedule: Literal["vp", "ve", "linear"] | None = None
-    scaling: Literal["vp", "none"] | None = None
+    solver: Solver | None = None
+    discretization: Discretization | None = None
+    schedule: Schedule | None = None
+    scaling: Scaling | None = None
 
     @property
     def nfe_per_image(self) -> int:
         """Network evaluations per image: Heun's last step is a plain Euler step."""
-        return self.num_steps if self.solver == "euler" else 2 * self.num_steps - 1
+        return nfe_per_image(self.num_steps, self.solver)
 
     def settings_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for model.generate.SamplerSettings (S_max None -> inf)."""

@@ -19,6 +19,8 @@ import re
 import sys
 from typing import Any
 
+from model.choices import DISCRETIZATIONS, SCALINGS, SCHEDULES, SOLVERS
+
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
@@ -74,11 +76,11 @@ def add_sampler_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--S_min", type=_non_negative, default=0.0, help="stoch. min noise level")
     g.add_argument("--S_max", type=_non_negative, default=math.inf, help="stoch. max noise level")
     g.add_argument("--S_noise", type=float, default=1.0, help="stoch. noise inflation")
-    g.add_argument("--solver", choices=["euler", "heun"], help="ablate ODE solver")
-    g.add_argument("--disc", dest="discretization", choices=["vp", "ve", "iddpm", "edm"],
+    g.add_argument("--solver", choices=SOLVERS, help="ablate ODE solver")
+    g.add_argument("--disc", dest="discretization", choices=DISCRETIZATIONS,
                    help="ablate time step discretization {t_i}")
-    g.add_argument("--schedule", choices=["vp", "ve", "linear"], help="ablate noise schedule sigma(t)")
-    g.add_argument("--scaling", choices=["vp", "none"], help="ablate signal scaling s(t)")
+    g.add_argument("--schedule", choices=SCHEDULES, help="ablate noise schedule sigma(t)")
+    g.add_argument("--scaling", choices=SCALINGS, help="ablate signal scaling s(t)")
 
 
 def add_device_options(parser: argparse.ArgumentParser) -> None:

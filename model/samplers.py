@@ -19,11 +19,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from model.choices import DISCRETIZATIONS, SCALINGS, SCHEDULES, SOLVERS, nfe_per_image
 from model.schedules import (
-    DISCRETIZATIONS,
-    SCALINGS,
-    SCHEDULES,
-    SOLVERS,
     default_sigma_range,
     edm_time_steps,
     noise_schedule,
@@ -86,10 +83,8 @@ class SamplerSettings:
 
     @property
     def nfe_total(self) -> int:
-        """Network evaluations per image: Heun's last step is a plain Euler step."""
-        if (self.solver or "heun") == "euler":
-            return self.num_steps
-        return 2 * self.num_steps - 1
+        """Network evaluations per image (model/choices.py)."""
+        return nfe_per_image(self.num_steps, self.solver)
 
     def validate(self) -> SamplerSettings:
         """Raise ValueError naming the first bad field; return self for chaining."""
@@ -155,7 +150,7 @@ def edm_sampler(net: Denoiser, latents: Tensor, randn_like: RandnLike, *, num_st
     sigma_max = min(sigma_max, net.sigma_max)
     t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho, latents.device)
     t_steps = torch.cat([net.round_sigma(t_steps), torch.zeros_like(t_steps[:1])])  # t_N = 0
-    nfe, nfe_total = 0, 2 * num_steps - 1
+    nfe, nfe_total = 0, nfe_per_image(num_steps, "heun")
 
     x_next = latents.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:], strict=True)):
@@ -209,7 +204,7 @@ def ablation_sampler(net: Denoiser, latents: Tensor, randn_like: RandnLike, *, n
                          device=latents.device)
     t_steps = sigma_inv(net.round_sigma(levels))
     t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])  # t_N = 0
-    nfe, nfe_total = 0, (num_steps if solver == "euler" else 2 * num_steps - 1)
+    nfe, nfe_total = 0, nfe_per_image(num_steps, solver)
 
     def ode_slope(x: Tensor, t: Tensor, denoised: Tensor) -> Tensor:
         return (sigma_deriv(t) / sigma(t) + s_deriv(t) / s(t)) * x - sigma_deriv(t) * s(t) / sigma(t) * denoised

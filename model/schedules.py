@@ -16,12 +16,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from model.choices import DISCRETIZATIONS, SCALINGS, SCHEDULES, SOLVERS
 from model.precond import iddpm_noise_levels
 
-SOLVERS = ("euler", "heun")
-DISCRETIZATIONS = ("vp", "ve", "iddpm", "edm")
-SCHEDULES = ("vp", "ve", "linear")
-SCALINGS = ("vp", "none")
+__all__ = ["DISCRETIZATIONS", "SCALINGS", "SCHEDULES", "SOLVERS"]  # re-exported for the sampler
 
 # Table 1 defaults.
 VP_BETA_D, VP_BETA_MIN = 19.9, 0.1
