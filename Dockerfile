@@ -38,11 +38,13 @@ RUN /opt/venv/bin/pip install --no-deps /src \
 FROM ${PYTHON_IMAGE} AS gateway
 LABEL org.opencontainers.image.title="edm-serve gateway" \
       org.opencontainers.image.description="REST and gRPC gateway of edm-serve (no torch)"
-RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/edm edm
+RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/edm edm \
+    && mkdir -p /cache && chown edm:edm /cache
 COPY --from=gateway-build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    EDM_CACHE_DIR=/cache \
     EDM_HOST=0.0.0.0 \
     EDM_PORT=8000 \
     EDM_GRPC_PORT=50051
@@ -69,10 +71,11 @@ RUN pip install --no-deps /src \
     && rm -rf /src
 COPY --chmod=0755 deploy/docker/worker-entrypoint.sh /usr/local/bin/edm-worker-entrypoint
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/edm edm \
-    && mkdir -p /models /var/lib/edm-gpu-locks \
-    && chown edm:edm /var/lib/edm-gpu-locks
+    && mkdir -p /models /var/lib/edm-gpu-locks /cache \
+    && chown edm:edm /var/lib/edm-gpu-locks /cache
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    EDM_CACHE_DIR=/cache \
     CUDA_DEVICE_ORDER=PCI_BUS_ID \
     EDM_DEVICE=cuda \
     EDM_METRICS_PORT=9101
@@ -103,10 +106,12 @@ RUN /opt/venv/bin/pip install --no-deps /src \
     && rm -rf /src
 COPY --chmod=0755 deploy/docker/worker-entrypoint.sh /usr/local/bin/edm-worker-entrypoint
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/edm edm \
-    && mkdir -p /models
+    && mkdir -p /models /cache \
+    && chown edm:edm /cache
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    EDM_CACHE_DIR=/cache \
     EDM_DEVICE=cpu \
     EDM_METRICS_PORT=9101
 USER 10001:10001
