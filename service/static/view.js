@@ -66,15 +66,23 @@ export class Run {
       const tools = h("div", { class: "tools" });
       const li = h("li", { class: "cell", "data-index": index, "data-frames": 0 }, img, caption, tools);
       this.grid.append(li);
-      this.cells.push({ li, img, caption, tools, seed, index, frames: 0, png: null, info: null, url: null });
+      this.cells.push({ li, img, caption, tools, seed, index, frames: 0, history: [], png: null, info: null,
+        url: null });
     });
+    this.scrub = h("input", { type: "range", id: `scrub-${opts.side}`, min: "0", max: "0", value: "0", step: "1",
+      "aria-describedby": `scrub-${opts.side}-value` });
+    this.scrubValue = h("output", { id: `scrub-${opts.side}-value`, for: `scrub-${opts.side}` });
+    this.scrub.addEventListener("input", () => this.replay(Number(this.scrub.value)));
+    this.scrubber = h("div", { class: "scrubber", hidden: true },
+      h("label", { for: `scrub-${opts.side}`, text: "Step through the evaluations" }), this.scrub, this.scrubValue);
     this.allButton = h("button", { type: "button", class: "download-all", disabled: true,
       text: "Download all (.zip)" });
     this.el = h("article", { class: "run", "data-side": opts.side, "data-job-id": opts.jobId, "data-status": "queued",
       "aria-labelledby": `run-${opts.side}-title` },
     h("h3", { id: `run-${opts.side}-title`, text: opts.title }),
     h("p", { class: "job-id" }, "job ", h("code", { text: opts.jobId })),
-    this.statusEl, this.bar, this.counters, this.grid, this.timing, h("div", { class: "run-actions" }, this.allButton));
+    this.statusEl, this.bar, this.counters, this.grid, this.scrubber, this.timing,
+    h("div", { class: "run-actions" }, this.allButton));
     this.setStatus("queued", "waiting for a worker");
   }
 
@@ -123,9 +131,9 @@ export class Run {
       if (!cell || cell.png) continue;
       cell.frames += 1;
       cell.li.dataset.frames = cell.frames;
-      cell.img.src = `data:image/png;base64,${frame.png_base64}`;
-      cell.img.alt = `seed ${cell.seed}: denoised estimate at step ${data.step} of ${data.num_steps}, ` +
-        `sigma ${sigmaText(data.sigma)}`;
+      const src = `data:image/png;base64,${frame.png_base64}`;
+      cell.history.push({ src, step: data.step, numSteps: data.num_steps, sigma: data.sigma, nfe: data.nfe });
+      this.showFrame(cell, cell.history[cell.history.length - 1]);
       this.framesSeen += 1;
       if (this.firstFrameMs === null && this.pressedAt !== null) {
         this.firstFrameMs = performance.now() - this.pressedAt;
@@ -163,6 +171,37 @@ export class Run {
       this.allButton.disabled = !this.cells.every((c) => c.png);
     }
     this.showTiming();
+    const frames = Math.max(0, ...this.cells.map((c) => c.history.length));
+    if (frames > 1) {  // the slider's last position is the final image (or the last frame)
+      this.scrub.max = String(frames);
+      this.scrub.value = String(frames);
+      this.scrubber.hidden = false;
+      this.replay(frames);
+    }
+  }
+
+  showFrame(cell, frame) {
+    cell.img.src = frame.src;
+    cell.img.alt = `seed ${cell.seed}: denoised estimate at step ${frame.step} of ${frame.numSteps}, ` +
+      `sigma ${sigmaText(frame.sigma)}`;
+  }
+
+  // Position k of the slider: every image's k-th frame; past the last frame, the final images.
+  replay(k) {
+    let shown = null;
+    for (const cell of this.cells) {
+      if (k >= cell.history.length && cell.url) {
+        cell.img.src = cell.url;
+        cell.img.alt = `seed ${cell.seed}: final image`;
+      } else if (cell.history.length) {
+        shown = cell.history[Math.min(k, cell.history.length - 1)];
+        this.showFrame(cell, shown);
+      }
+    }
+    const text = shown ? `evaluation ${shown.nfe} of ${this.nfeTotal}: step ${shown.step} / ${shown.numSteps}, ` +
+      `σ = ${sigmaText(shown.sigma)}` : "final images";
+    this.scrubValue.textContent = text;
+    this.scrub.setAttribute("aria-valuetext", text);
   }
 
   // Wall time as this browser saw it; sampling time as the worker measured it (from GET /v1/jobs).

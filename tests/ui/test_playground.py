@@ -106,6 +106,15 @@ def test_generate_streams_every_evaluation_and_final_pngs_equal_the_api(ui: Watc
     print(f"first frame {first_frame_ms:.0f} ms after Generate")
     assert 0 < first_frame_ms < 30_000
 
+    # once done, a slider steps through every evaluation's frames, then back to the final images
+    page.focus("#scrub-a")
+    page.keyboard.press("Home")
+    assert page.locator("#scrub-a-value").inner_text().startswith("evaluation 1 of 11: step 1 / 6, σ = 80")
+    assert page.locator(".cell img").first.get_attribute("src").startswith("data:image/png;base64,")
+    page.keyboard.press("End")
+    assert page.locator("#scrub-a-value").inner_text() == "final images"
+    assert page.locator(".cell img").first.get_attribute("src").startswith("blob:")
+
     pngs = api_pngs(ui_stack, expected)
     assert zipped_pngs(page, "a") == pngs
     with page.expect_download() as info:
