@@ -97,7 +97,7 @@ class FinishedImage:
 
 @dataclass(frozen=True)
 class CohortEvaluation:
-    """What one cohort got from a pass: where its sampler stands and its denoised estimates."""
+    """What one group's rows of a cohort got from a pass: where their sampler stands, their x0."""
 
     group: Hashable
     keys: tuple[Hashable, ...]
@@ -121,19 +121,35 @@ class PassReport:
 
 @dataclass
 class _Cohort:
-    group: Hashable
-    keys: tuple[Hashable, ...]
+    """Rows admitted together with the same settings: one sampler coroutine over all of them. Its rows
+    may belong to several groups; a cancelled group's rows stay in the coroutine's arithmetic (a few
+    elementwise operations) but leave the table and the network at once."""
+
+    groups: list[Hashable]
+    keys: list[Hashable]
     seeds: list[int]
     labels: list[int | None]
     one_hot: Tensor | None
     steps: SamplerSteps
     pending: Evaluation
-    admitted_at: int        # pass counter at admission
-    last_pass: int = -1     # the last pass that carried it
+    admitted_at: int                  # pass counter at admission
+    live: list[int] = field(default_factory=list)  # indices of the rows still wanted
+    last_pass: int = -1               # the last pass that carried it
+
+    def __post_init__(self) -> None:
+        self.live = list(range(len(self.keys)))
 
     @property
     def size(self) -> int:
-        return len(self.keys)
+        return len(self.live)
+
+    @property
+    def group(self) -> Hashable:
+        """The group whose share of a pass this cohort counts against: its first live row's."""
+        return self.groups[self.live[0]]
+
+    def live_of(self, group: Hashable) -> list[int]:
+        return [i for i in self.live if self.groups[i] == group]
 
 
 class GroupFailed(Exception):
@@ -167,18 +183,25 @@ class SlotEngine:
         return self.capacity - self.occupied
 
     def rows_of(self, group: Hashable) -> int:
-        return sum(cohort.size for cohort in self.cohorts if cohort.group == group)
+        return sum(len(cohort.live_of(group)) for cohort in self.cohorts)
 
     def groups(self) -> list[Hashable]:
-        return list(dict.fromkeys(cohort.group for cohort in self.cohorts))
+        return list(dict.fromkeys(c.groups[i] for c in self.cohorts for i in c.live))
 
-    @torch.no_grad()
     def admit(self, group: Hashable, keys: Sequence[Hashable], seeds: Sequence[int],
               class_labels: Sequence[int | None], settings: SamplerSettings) -> None:
-        """Occupy len(keys) rows with new images (raises ValueError for bad settings or labels, or
-        when the table lacks room). Latents and labels are drawn now, from each seed's stream."""
-        if not len(keys) == len(seeds) == len(class_labels):
-            raise ValueError(f"{len(keys)} keys, {len(seeds)} seeds, {len(class_labels)} class labels")
+        """Occupy len(keys) rows with new images of one group (see admit_rows)."""
+        self.admit_rows([group] * len(keys), keys, seeds, class_labels, settings)
+
+    @torch.no_grad()
+    def admit_rows(self, groups: Sequence[Hashable], keys: Sequence[Hashable], seeds: Sequence[int],
+                   class_labels: Sequence[int | None], settings: SamplerSettings) -> None:
+        """Occupy len(keys) rows with new images that share `settings`, each row of its own group (one
+        sampler coroutine for all of them). Raises ValueError for bad settings or labels, or when the
+        table lacks room. Latents and labels are drawn now, from each seed's stream."""
+        if not len(groups) == len(keys) == len(seeds) == len(class_labels):
+            raise ValueError(f"{len(groups)} groups, {len(keys)} keys, {len(seeds)} seeds, "
+                             f"{len(class_labels)} class labels")
         if not keys:
             return
         if len(keys) > self.max_pass_rows:
@@ -190,15 +213,19 @@ class SlotEngine:
         latents, one_hot, labels = draw_inputs(self.net, streams, class_labels)
         steps = sampler_steps(self.net, latents, streams.randn_like, settings)
         pending = next(steps)
-        self.cohorts.append(_Cohort(group, tuple(keys), list(streams.seeds), labels, one_hot, steps, pending,
+        self.cohorts.append(_Cohort(list(groups), list(keys), list(streams.seeds), labels, one_hot, steps, pending,
                                     admitted_at=self.passes))
 
     def cancel(self, group: Hashable) -> int:
         """Free the rows of a group; returns how many."""
-        freed = self.rows_of(group)
-        for cohort in [c for c in self.cohorts if c.group == group]:
+        freed = 0
+        for cohort in self.cohorts:
+            gone = set(cohort.live_of(group))
+            freed += len(gone)
+            cohort.live = [i for i in cohort.live if i not in gone]
+        for cohort in [c for c in self.cohorts if not c.live]:
             cohort.steps.close()
-        self.cohorts = [c for c in self.cohorts if c.group != group]
+        self.cohorts = [c for c in self.cohorts if c.live]
         return freed
 
     # one pass
@@ -237,12 +264,11 @@ class SlotEngine:
         try:
             denoised = self._forward(chosen, report)
         except Exception:
-            # Find the cohorts that fail on their own; they drop out, the others try again next pass.
+            # Find the groups that fail on their own; they drop out, the others try again next pass.
             culprits = self._isolate(chosen)
             if not culprits:
                 raise
-            for cohort, error in culprits:
-                report.failed.setdefault(cohort.group, error)
+            report.failed.update(culprits)
             for group in report.failed:
                 self.cancel(group)
             return report
@@ -250,27 +276,39 @@ class SlotEngine:
         for cohort, x0 in zip(chosen, denoised, strict=True):
             cohort.last_pass = self.passes
             ev = cohort.pending
-            report.evaluated.append(CohortEvaluation(cohort.group, cohort.keys, ev.step, ev.num_steps,
-                                                     float(ev.sigma), ev.nfe + 1, ev.nfe_total, x0))
+            self._report_evaluation(cohort, ev, x0, report)
             try:
                 cohort.pending = cohort.steps.send(x0)
             except StopIteration as done:
                 self._finish(cohort, done.value, report)
-            except Exception as error:  # the sampler itself failed for this cohort's settings
-                report.failed.setdefault(cohort.group, error)
+            except Exception as error:  # the sampler itself failed for these settings
+                for group in dict.fromkeys(cohort.groups[i] for i in cohort.live):
+                    report.failed.setdefault(group, error)
         for group in report.failed:
             self.cancel(group)
         report.waiting_rows = self.occupied - report.rows_used if self.cohorts else 0
         return report
 
+    @staticmethod
+    def _report_evaluation(cohort: _Cohort, ev: Evaluation, x0: Tensor, report: PassReport) -> None:
+        sigma = float(ev.sigma)
+        for group in dict.fromkeys(cohort.groups[i] for i in cohort.live):
+            rows = cohort.live_of(group)
+            report.evaluated.append(CohortEvaluation(group, tuple(cohort.keys[i] for i in rows), ev.step,
+                                                     ev.num_steps, sigma, ev.nfe + 1, ev.nfe_total, x0[rows]))
+
     def _forward(self, chosen: list[_Cohort], report: PassReport | None = None) -> list[Tensor]:
-        """D(x; sigma) of every chosen cohort in one network call of a fixed row count."""
-        xs = [c.pending.x for c in chosen]
+        """D(x; sigma) of every chosen cohort's live rows in one network call of a fixed row count; the
+        rows of cancelled groups get D(x) = x (they are never used)."""
+        parts = [(c, c.live if c.size < len(c.keys) else None) for c in chosen]
+        xs = [c.pending.x if live is None else c.pending.x[live] for c, live in parts]
         sigmas = [c.pending.sigma.reshape(1).expand(c.size) for c in chosen]
         used = sum(c.size for c in chosen)
         rows = self.pass_sizes.rows_for(used)
         x, sigma = torch.cat(xs), torch.cat(sigmas)
-        labels = None if chosen[0].one_hot is None else torch.cat([c.one_hot for c in chosen])  # type: ignore[misc]
+        labels = None
+        if chosen[0].one_hot is not None:
+            labels = torch.cat([c.one_hot if live is None else c.one_hot[live] for c, live in parts])  # type: ignore[index,misc]
         if rows > used:  # padding: copies of the last row; their outputs are dropped
             pad = rows - used
             x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
@@ -279,29 +317,67 @@ class SlotEngine:
         out = self.net(x, sigma, labels)[:used].to(torch.float64)
         if report is not None:
             report.rows_used, report.rows_padded = used, rows - used
-        return list(out.split([c.size for c in chosen]))
+        denoised = []
+        for (cohort, live), part in zip(parts, out.split([c.size for c in chosen]), strict=True):
+            if live is None:
+                denoised.append(part)
+            else:
+                full = cohort.pending.x.clone()
+                full[live] = part
+                denoised.append(full)
+        return denoised
 
-    def _isolate(self, chosen: list[_Cohort]) -> list[tuple[_Cohort, BaseException]]:
-        """The cohorts whose pass fails on its own ([] when all do: then the fault is not theirs)."""
-        culprits: list[tuple[_Cohort, BaseException]] = []
-        for cohort in chosen:
+    def _isolate(self, chosen: list[_Cohort]) -> dict[Hashable, BaseException]:
+        """The groups whose rows fail a pass on their own ({} when all do: the fault is not theirs)."""
+        groups = list(dict.fromkeys(c.groups[i] for c in chosen for i in c.live))
+        culprits: dict[Hashable, BaseException] = {}
+        for group in groups:
+            alone = [_Subset(c, c.live_of(group)) for c in chosen if c.live_of(group)]
             try:
-                self._forward([cohort])
+                self._forward(alone)  # type: ignore[arg-type]
             except Exception as error:
-                culprits.append((cohort, error))
-        return culprits if len(culprits) < len(chosen) or len(chosen) == 1 else []
+                culprits[group] = error
+        return culprits if len(culprits) < len(groups) or len(groups) == 1 else {}
 
     def _finish(self, cohort: _Cohort, images: Tensor, report: PassReport) -> None:
         self.cohorts.remove(cohort)
-        if not torch.isfinite(images).all():
-            bad = int((~torch.isfinite(images.flatten(1))).any(1).sum())
-            report.failed.setdefault(cohort.group, GroupFailed(
-                f"the sampler produced non-finite values in {bad} of {cohort.size} images "
-                "(settings outside what float64 can compute)"))
-            return
-        pixels = to_pixels(images)
-        for k, key in enumerate(cohort.keys):
-            report.finished.append(FinishedImage(cohort.group, key, cohort.seeds[k], cohort.labels[k], pixels[k]))
+        finite = torch.isfinite(images.flatten(1)).all(1).tolist()
+        for group in dict.fromkeys(cohort.groups[i] for i in cohort.live):
+            rows = cohort.live_of(group)
+            bad = sum(not finite[i] for i in rows)
+            if bad:
+                report.failed.setdefault(group, GroupFailed(
+                    f"the sampler produced non-finite values in {bad} of {len(rows)} images "
+                    "(settings outside what float64 can compute)"))
+        pixels = to_pixels(images[cohort.live])
+        for k, i in enumerate(cohort.live):
+            if cohort.groups[i] not in report.failed:
+                report.finished.append(FinishedImage(cohort.groups[i], cohort.keys[i], cohort.seeds[i],
+                                                     cohort.labels[i], pixels[k]))
+
+
+@dataclass
+class _Subset:
+    """Some live rows of a cohort, evaluated on their own (to find which group a failure belongs to)."""
+
+    cohort: _Cohort
+    live: list[int]
+
+    @property
+    def pending(self) -> Evaluation:
+        return self.cohort.pending
+
+    @property
+    def one_hot(self) -> Tensor | None:
+        return self.cohort.one_hot
+
+    @property
+    def keys(self) -> list[Hashable]:
+        return self.cohort.keys
+
+    @property
+    def size(self) -> int:
+        return len(self.live)
 
 
 def draw_inputs(net: Any, streams: SeedStreams,

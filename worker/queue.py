@@ -245,18 +245,25 @@ class WorkerQueue:
             pipe.expire(Keys.images(job_id), self.result_ttl_s)
             pipe.execute()
 
-    def stored_images(self, job_id: str) -> dict[int, ImageInfo]:
-        """The images of a job that an earlier run stored (and whose PNG is still there)."""
-        stored = self.conn.hgetall(Keys.images(job_id))
-        infos = {int(text(k)): ImageInfo.model_validate_json(v) for k, v in stored.items()}
-        if not infos:
-            return {}
-        indices = sorted(infos)
+    def stored_images(self, ids: list[str]) -> dict[str, dict[int, ImageInfo]]:
+        """For each job, the images an earlier run stored (and whose PNG is still there), by index."""
         with self.conn.pipeline(transaction=False) as pipe:
-            for index in indices:
+            for job_id in ids:
+                pipe.hgetall(Keys.images(job_id))
+            replies = pipe.execute()
+        infos = {job_id: {int(text(k)): ImageInfo.model_validate_json(v) for k, v in reply.items()}
+                 for job_id, reply in zip(ids, replies, strict=True)}
+        checks = [(job_id, index) for job_id in ids for index in sorted(infos[job_id])]
+        if not checks:
+            return infos
+        with self.conn.pipeline(transaction=False) as pipe:
+            for job_id, index in checks:
                 pipe.exists(Keys.png(job_id, index))
             present = pipe.execute()
-        return {index: infos[index] for index, there in zip(indices, present, strict=True) if there}
+        for (job_id, index), there in zip(checks, present, strict=True):
+            if not there:
+                del infos[job_id][index]
+        return infos
 
     def publish_progress(self, events: list[tuple[str, dict[str, Any], list[Frame]]]) -> None:
         """Append (job id, data, frames) progress events to the jobs' event streams: one script call per

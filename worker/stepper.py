@@ -198,13 +198,16 @@ class StepWorker(Worker):
 
     def _adopt(self, claimed: list[Claimed]) -> None:
         now = time.time()
-        previews = self.queue.preview_every([job.id for job in claimed]) if claimed else {}
+        if not claimed:
+            return
+        ids = [job.id for job in claimed]
+        previews, stored_by_id = self.queue.preview_every(ids), self.queue.stored_images(ids)
         for job in claimed:
             problem = self.engine.check(job.spec)
             if problem is not None:
                 self._end([(job, Outcome(job.id, JobStatus.failed, error=problem))])
                 continue
-            stored = self.queue.stored_images(job.id)
+            stored = stored_by_id[job.id]
             settings = SamplerSettings(**job.spec.sampler.settings_kwargs())
             flight = Flight(job, now, [k for k in range(job.spec.num_images) if k not in stored], stored, settings,
                             nfe_before=len(stored) * job.spec.sampler.nfe_per_image)
@@ -217,37 +220,56 @@ class StepWorker(Worker):
                 self._succeed(flight)
 
     def _admit(self) -> None:
-        """Free rows go to waiting images, a cohort per job per round, in claim order."""
+        """Free rows go to waiting images: each round, in claim order, every waiting job gets up to
+        EDM_COHORT_ROWS rows (never more than EDM_MAX_PASS_ROWS in all); the pieces of a round that
+        share their settings enter as one cohort (one sampler coroutine for all their rows)."""
+        cap = self.engine.max_pass_rows
         for model, table in self.tables.items():
             waiting = [f for f in self.flights.values() if f.todo and f.job.spec.model == model and not f.failed]
             while waiting and table.free_rows:
-                progressed = False
+                free = table.free_rows
+                by_settings: dict[SamplerSettings, list[tuple[Flight, list[int]]]] = {}
                 for flight in waiting:
-                    room = min(table.free_rows, self.cohort_rows, self.engine.max_pass_rows - table.rows_of(flight.id))
-                    if room <= 0 or not flight.todo:
-                        continue
-                    self._admit_cohort(table, flight, flight.todo[:room])
-                    progressed = True
-                waiting = [f for f in waiting if f.todo and not f.failed]
-                if not progressed:
+                    room = min(free, self.cohort_rows, cap - table.rows_of(flight.id))
+                    if room > 0:
+                        by_settings.setdefault(flight.settings, []).append((flight, flight.todo[:room]))
+                        free -= min(room, len(flight.todo))
+                if not by_settings:
                     break
+                for pieces in by_settings.values():
+                    while pieces:  # a cohort carries at most one pass of rows
+                        cohort, size = [], 0
+                        while pieces and size + len(pieces[0][1]) <= cap:
+                            size += len(pieces[0][1])
+                            cohort.append(pieces.pop(0))
+                        self._admit_cohort(table, cohort or [pieces.pop(0)])
+                waiting = [f for f in waiting if f.todo and not f.failed]
 
-    def _admit_cohort(self, table: SlotEngine, flight: Flight, indices: list[int]) -> None:
-        spec = flight.job.spec
+    def _admit_cohort(self, table: SlotEngine, pieces: list[tuple[Flight, list[int]]]) -> None:
         self._cohort_seq += 1
+        groups, keys, seeds, labels = [], [], [], []
+        for flight, indices in pieces:
+            spec = flight.job.spec
+            groups += [flight.id] * len(indices)
+            keys += [(self._cohort_seq, k) for k in indices]
+            seeds += [spec.seeds[k] for k in indices]
+            labels += [spec.class_labels[k] for k in indices]
         try:
-            table.admit(flight.id, [(self._cohort_seq, k) for k in indices], [spec.seeds[k] for k in indices],
-                        [spec.class_labels[k] for k in indices], flight.settings)
+            table.admit_rows(groups, keys, seeds, labels, pieces[0][0].settings)
         except (ValueError, ArithmeticError) as error:  # settings the sampler cannot compute
-            self._fail(flight, f"{type(error).__name__}: {error}")
+            for flight, _ in pieces:
+                self._fail(flight, f"{type(error).__name__}: {error}")
             return
-        del flight.todo[:len(indices)]
-        if flight.admitted_at is None:
-            flight.admitted_at = time.time()
-            flight.job.started = True
-            self.queue.mark_started(flight.job)
-            self.metrics.admission_wait.labels(spec.model).observe(flight.admitted_at - flight.claimed_at)
-            self.metrics.queue_wait.labels(spec.model).observe(max(0.0, flight.admitted_at - flight.job.created_at))
+        now = time.time()
+        for flight, indices in pieces:
+            del flight.todo[:len(indices)]
+            if flight.admitted_at is None:
+                flight.admitted_at = now
+                flight.job.started = True
+                self.writer.must("started", lambda job=flight.job: self.queue.mark_started(job))  # type: ignore[misc]
+                model = flight.job.spec.model
+                self.metrics.admission_wait.labels(model).observe(now - flight.claimed_at)
+                self.metrics.queue_wait.labels(model).observe(max(0.0, now - flight.job.created_at))
 
     def _pass(self) -> None:
         busy = [model for model, table in self.tables.items() if table.occupied]

@@ -230,3 +230,35 @@ def test_pass_sizes():
     engine.admit("a", [0], [1], [None], SamplerSettings(num_steps=3))
     report = engine.step()
     assert (report.rows_used, report.rows_padded) == (1, 7)
+
+
+def test_a_cohort_shared_by_groups_sheds_a_cancelled_group():
+    """Jobs with equal settings admitted together share one sampler coroutine; cancelling one frees its
+    rows at once and changes nothing for the others."""
+    net = tiny_net()
+    settings = SETTINGS[2]
+    engine = SlotEngine(net, capacity=6)
+    engine.admit_rows(["a", "b", "a", "c"], [0, 0, 1, 0], [11, 12, 13, 14], [1, 2, 3, None], settings)
+    engine.step()
+    assert engine.cancel("a") == 2 and engine.occupied == 2 and engine.free_rows == 4
+    report = engine.step()
+    assert report.rows_used == 2 and {ev.group for ev in report.evaluated} == {"b", "c"}
+    finished = {}
+    while engine.occupied:
+        finished.update({image.group: image for image in engine.step().finished})
+    assert set(finished) == {"b", "c"}
+    assert encode_png(finished["b"].pixels) == solo_png(net, 12, 2, settings)
+    assert encode_png(finished["c"].pixels) == solo_png(net, 14, finished["c"].class_label, settings)
+
+
+def test_a_failing_group_in_a_shared_cohort_fails_alone():
+    net = FailsOnLabel(tiny_net())
+    engine = SlotEngine(net, capacity=8)
+    engine.admit_rows(["good", "bad", "good"], [0, 0, 1], [1, 3, 2], [1, 7, 2], SamplerSettings(num_steps=3))
+    report = engine.step()
+    assert set(report.failed) == {"bad"} and engine.groups() == ["good"]
+    finished = []
+    while engine.occupied:
+        finished += engine.step().finished
+    reference = generate(tiny_net(), [1, 2], [1, 2], SamplerSettings(num_steps=3))
+    assert [f.pixels.tobytes() for f in finished] == [r.pixels.tobytes() for r in reference]
