@@ -4,8 +4,9 @@ every forward pass.
 The engine holds a table of rows. Each occupied row is one image with its own sampler state: its
 settings (any num_steps, solver, discretization, schedule, scaling, sigma range, rho, churn), its
 place in its own schedule, its seed's random stream and its class label. Images are admitted in
-cohorts: the images of one group (a job) admitted together with the same settings share one
-sampler coroutine from model/samplers.py, the only copy of the math. `step()` gathers the pending
+cohorts: images admitted together with the same settings (of one group, a job, or of several)
+share one sampler coroutine from model/samplers.py, the only copy of the math; a cancelled group's
+rows leave the table and the forward passes at once. `step()` gathers the pending
 evaluation of the chosen cohorts, each at its own sigma, into one network call, gives each its
 D(x; sigma) and advances it. Images enter between any two passes and leave when finished or when
 their group is cancelled.
