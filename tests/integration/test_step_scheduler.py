@@ -121,6 +121,8 @@ def test_kill_9_rerun_computes_only_missing_images(stack) -> None:
     first = worker("first", max_pass_rows=4, slot_rows=4, cohort_rows=4)
     body = {"seeds": list(range(300, 316)), "num_steps": 30, "class_label": "1"}
     job_id = client.post("/v1/jobs", json=body).json()["id"]
+    others = [client.post("/v1/jobs", json={"seeds": [400 + k, 500 + k], **MIXED[k]}).json()["id"]
+              for k in range(len(MIXED))]
     wait_until(lambda: 4 <= status(client, job_id)["progress"]["images_done"] < 12, 60, interval_s=0.02)
     first.kill_group()
     stored_before = conn.hlen(f"edm:images:{job_id}")
@@ -128,6 +130,7 @@ def test_kill_9_rerun_computes_only_missing_images(stack) -> None:
     second = worker("second", max_pass_rows=4, slot_rows=4, cohort_rows=4)
     view = finished(client, job_id, 120)
     assert view["status"] == "succeeded" and view["reruns"] == 1
+    assert [finished(client, other)["status"] for other in others] == ["succeeded"] * len(others)  # none lost
     assert [image["seed"] for image in view["images"]] == body["seeds"]
     log = second.output()
     assert f"{stored_before} of 16 images already stored" in log

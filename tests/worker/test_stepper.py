@@ -29,8 +29,8 @@ def engine(tiny_model: Path) -> Engine:
     return served
 
 
-def spec(*seeds: int, steps: int = 3) -> JobSpec:
-    return JobSpec(model=MODEL, seeds=list(seeds), class_labels=[None] * len(seeds),
+def spec(*seeds: int, steps: int = 3, model: str = MODEL) -> JobSpec:
+    return JobSpec(model=model, seeds=list(seeds), class_labels=[None] * len(seeds),
                    sampler=SamplerParams(num_steps=steps))
 
 
@@ -122,5 +122,33 @@ def test_cancel_frees_rows_for_the_next_job(redis_conn: redis.Redis, engine: Eng
     ledger.cancel(long)
     wait_until(lambda: ledger.status(small).value == "succeeded", 20)  # type: ignore[union-attr]
     assert ledger.status(long).value == "cancelled"  # type: ignore[union-attr]
+    worker.request_stop()
+    thread.join(30)
+
+
+def test_two_models_take_turns(redis_conn: redis.Redis, tiny_model: Path) -> None:
+    """One worker, two models: passes alternate between the tables that hold work, so neither waits
+    for the other to drain."""
+    served = Engine("cpu", "auto", max_pass_rows=4)
+    served.load("a", tiny_model)
+    served.load("b", tiny_model)
+    ledger = Ledger(redis_conn, result_ttl_s=60, failure_ttl_s=60)
+    worker = make_worker(redis_conn, served)
+    order: list[str] = []
+    for name, table in worker.tables.items():
+        real = table.step
+
+        def step(real=real, name=name):  # type: ignore[no-untyped-def]
+            order.append(name)
+            return real()
+        table.step = step  # type: ignore[method-assign]
+    thread, _ = start(worker)
+    long_a, _ = ledger.submit(spec(1, steps=40, model="a"), "o")
+    wait_until(lambda: "a" in order, 20, interval_s=0.01)
+    short_b, _ = ledger.submit(spec(2, steps=3, model="b"), "o")
+    wait_until(lambda: ledger.status(short_b).value == "succeeded", 30)  # type: ignore[union-attr]
+    assert ledger.status(long_a).value == "running"  # type: ignore[union-attr]
+    b_passes = [k for k, name in enumerate(order) if name == "b"]
+    assert len(b_passes) == 5 and all(order[k - 1] == "a" for k in b_passes)  # alternating while both had work
     worker.request_stop()
     thread.join(30)
