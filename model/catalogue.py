@@ -66,73 +66,68 @@ class CatalogueEntry:
                 "note": self.note}
 
 
-def _entry(name: str, *, dataset: str, preconditioner: str, architecture: str, config: str, resolution: int,
-           label_dim: int, parameters: int, recommended: dict[str, Any], recommended_from: str,
-           folder: str = "", note: str = "") -> CatalogueEntry:
-    return CatalogueEntry(
-        name=name, url=f"{EDM_BASE_URL}{folder}{name}.pkl", dataset=dataset, preconditioner=preconditioner,
-        architecture=architecture, config=config, img_resolution=resolution, img_channels=3,
-        label_dim=label_dim, parameters=parameters, recommended=dict(recommended),
-        recommended_from=recommended_from,
-        class_names=CIFAR10_CLASSES if dataset == "CIFAR-10" and label_dim == 10 else None, note=note)
-
-
 _README = "NVlabs/edm README, 'for best results'"
 _FIG2A = "NVlabs/edm README, Figure 2a '+ Our sigma(t) & s(t)' (EDM sampler on the baseline network)"
 _TABLE5 = "paper Table 5, stochastic sampler for the iDDPM ImageNet-64 network"
 _UNVERIFIED = ("architecture assumed from configuration A's defaults at 64x64 (not in shared/reference); "
                "the loader checks it against the file's tensors")
 
-_ENTRIES = [
-    _entry("edm-cifar10-32x32-cond-vp", dataset="CIFAR-10", preconditioner="EDMPrecond", architecture="SongUNet",
-           config="DDPM++ (config F)", resolution=32, label_dim=10, parameters=55_735_299,
-           recommended=_CIFAR, recommended_from=_README),
-    _entry("edm-cifar10-32x32-cond-ve", dataset="CIFAR-10", preconditioner="EDMPrecond", architecture="SongUNet",
-           config="NCSN++ (config F)", resolution=32, label_dim=10, parameters=56_400_643,
-           recommended=_CIFAR, recommended_from=_README),
-    _entry("edm-cifar10-32x32-uncond-vp", dataset="CIFAR-10", preconditioner="EDMPrecond", architecture="SongUNet",
-           config="DDPM++ (config F)", resolution=32, label_dim=0, parameters=55_733_891,
-           recommended=_CIFAR, recommended_from=_README),
-    _entry("edm-cifar10-32x32-uncond-ve", dataset="CIFAR-10", preconditioner="EDMPrecond", architecture="SongUNet",
-           config="NCSN++ (config F)", resolution=32, label_dim=0, parameters=56_397_827,
-           recommended=_CIFAR, recommended_from=_README),
-    _entry("edm-ffhq-64x64-uncond-vp", dataset="FFHQ", preconditioner="EDMPrecond", architecture="SongUNet",
-           config="DDPM++ (config F)", resolution=64, label_dim=0, parameters=61_805_571,
-           recommended=_64PX, recommended_from=_README),
-    _entry("edm-ffhq-64x64-uncond-ve", dataset="FFHQ", preconditioner="EDMPrecond", architecture="SongUNet",
-           config="NCSN++ (config F)", resolution=64, label_dim=0, parameters=62_761_091,
-           recommended=_64PX, recommended_from=_README),
-    _entry("edm-afhqv2-64x64-uncond-vp", dataset="AFHQv2", preconditioner="EDMPrecond", architecture="SongUNet",
-           config="DDPM++ (config F)", resolution=64, label_dim=0, parameters=61_805_571,
-           recommended=_64PX, recommended_from=_README),
-    _entry("edm-afhqv2-64x64-uncond-ve", dataset="AFHQv2", preconditioner="EDMPrecond", architecture="SongUNet",
-           config="NCSN++ (config F)", resolution=64, label_dim=0, parameters=62_761_091,
-           recommended=_64PX, recommended_from=_README),
-    _entry("edm-imagenet-64x64-cond-adm", dataset="ImageNet", preconditioner="EDMPrecond",
-           architecture="DhariwalUNet", config="ADM (config F)", resolution=64, label_dim=1000,
-           parameters=295_899_267, recommended=_IMAGENET, recommended_from=_README),
-    _entry("baseline-cifar10-32x32-uncond-vp", dataset="CIFAR-10", preconditioner="VPPrecond",
-           architecture="SongUNet", config="DDPM++ (config A, Song et al.)", resolution=32, label_dim=0,
-           parameters=61_804_419, recommended=_BASELINE_EDM_SAMPLER, recommended_from=_FIG2A, folder="baseline/"),
-    _entry("baseline-cifar10-32x32-uncond-ve", dataset="CIFAR-10", preconditioner="VEPrecond",
-           architecture="SongUNet", config="NCSN++ (config A, Song et al.)", resolution=32, label_dim=0,
-           parameters=62_758_787, recommended=_BASELINE_EDM_SAMPLER, recommended_from=_FIG2A, folder="baseline/"),
-    _entry("baseline-ffhq-64x64-uncond-vp", dataset="FFHQ", preconditioner="VPPrecond", architecture="SongUNet",
-           config="DDPM++ (config A)", resolution=64, label_dim=0, parameters=61_804_419,
-           recommended=_BASELINE_64PX, recommended_from=_FIG2A, folder="baseline/", note=_UNVERIFIED),
-    _entry("baseline-ffhq-64x64-uncond-ve", dataset="FFHQ", preconditioner="VEPrecond", architecture="SongUNet",
-           config="NCSN++ (config A)", resolution=64, label_dim=0, parameters=62_758_787,
-           recommended=_BASELINE_64PX, recommended_from=_FIG2A, folder="baseline/", note=_UNVERIFIED),
-    _entry("baseline-afhqv2-64x64-uncond-vp", dataset="AFHQv2", preconditioner="VPPrecond", architecture="SongUNet",
-           config="DDPM++ (config A)", resolution=64, label_dim=0, parameters=61_804_419,
-           recommended=_BASELINE_64PX, recommended_from=_FIG2A, folder="baseline/", note=_UNVERIFIED),
-    _entry("baseline-afhqv2-64x64-uncond-ve", dataset="AFHQv2", preconditioner="VEPrecond", architecture="SongUNet",
-           config="NCSN++ (config A)", resolution=64, label_dim=0, parameters=62_758_787,
-           recommended=_BASELINE_64PX, recommended_from=_FIG2A, folder="baseline/", note=_UNVERIFIED),
-    _entry("baseline-imagenet-64x64-cond-adm", dataset="ImageNet", preconditioner="iDDPMPrecond",
-           architecture="DhariwalUNet", config="ADM (Dhariwal & Nichol)", resolution=64, label_dim=1000,
-           parameters=295_904_454, recommended=_BASELINE_IMAGENET, recommended_from=_TABLE5, folder="baseline/"),
+# sampler key -> (recommended settings, where they come from)
+_SAMPLERS: dict[str, tuple[dict[str, Any], str]] = {
+    "cifar": (_CIFAR, _README), "64px": (_64PX, _README), "imagenet": (_IMAGENET, _README),
+    "base": (_BASELINE_EDM_SAMPLER, _FIG2A), "base64": (_BASELINE_64PX, _FIG2A),
+    "base-imagenet": (_BASELINE_IMAGENET, _TABLE5),
+}
+
+# name, dataset, preconditioner, architecture, configuration, resolution, classes, parameters, sampler
+_ROWS: list[tuple[str, str, str, str, str, int, int, int, str]] = [
+    ("edm-cifar10-32x32-cond-vp", "CIFAR-10", "EDMPrecond", "SongUNet", "DDPM++ (config F)", 32, 10, 55_735_299,
+     "cifar"),
+    ("edm-cifar10-32x32-cond-ve", "CIFAR-10", "EDMPrecond", "SongUNet", "NCSN++ (config F)", 32, 10, 56_400_643,
+     "cifar"),
+    ("edm-cifar10-32x32-uncond-vp", "CIFAR-10", "EDMPrecond", "SongUNet", "DDPM++ (config F)", 32, 0, 55_733_891,
+     "cifar"),
+    ("edm-cifar10-32x32-uncond-ve", "CIFAR-10", "EDMPrecond", "SongUNet", "NCSN++ (config F)", 32, 0, 56_397_827,
+     "cifar"),
+    ("edm-ffhq-64x64-uncond-vp", "FFHQ", "EDMPrecond", "SongUNet", "DDPM++ (config F)", 64, 0, 61_805_571, "64px"),
+    ("edm-ffhq-64x64-uncond-ve", "FFHQ", "EDMPrecond", "SongUNet", "NCSN++ (config F)", 64, 0, 62_761_091, "64px"),
+    ("edm-afhqv2-64x64-uncond-vp", "AFHQv2", "EDMPrecond", "SongUNet", "DDPM++ (config F)", 64, 0, 61_805_571,
+     "64px"),
+    ("edm-afhqv2-64x64-uncond-ve", "AFHQv2", "EDMPrecond", "SongUNet", "NCSN++ (config F)", 64, 0, 62_761_091,
+     "64px"),
+    ("edm-imagenet-64x64-cond-adm", "ImageNet", "EDMPrecond", "DhariwalUNet", "ADM (config F)", 64, 1000,
+     295_899_267, "imagenet"),
+    ("baseline-cifar10-32x32-uncond-vp", "CIFAR-10", "VPPrecond", "SongUNet", "DDPM++ (config A, Song et al.)", 32,
+     0, 61_804_419, "base"),
+    ("baseline-cifar10-32x32-uncond-ve", "CIFAR-10", "VEPrecond", "SongUNet", "NCSN++ (config A, Song et al.)", 32,
+     0, 62_758_787, "base"),
+    ("baseline-ffhq-64x64-uncond-vp", "FFHQ", "VPPrecond", "SongUNet", "DDPM++ (config A)", 64, 0, 61_804_419,
+     "base64"),
+    ("baseline-ffhq-64x64-uncond-ve", "FFHQ", "VEPrecond", "SongUNet", "NCSN++ (config A)", 64, 0, 62_758_787,
+     "base64"),
+    ("baseline-afhqv2-64x64-uncond-vp", "AFHQv2", "VPPrecond", "SongUNet", "DDPM++ (config A)", 64, 0, 61_804_419,
+     "base64"),
+    ("baseline-afhqv2-64x64-uncond-ve", "AFHQv2", "VEPrecond", "SongUNet", "NCSN++ (config A)", 64, 0, 62_758_787,
+     "base64"),
+    ("baseline-imagenet-64x64-cond-adm", "ImageNet", "iDDPMPrecond", "DhariwalUNet", "ADM (Dhariwal & Nichol)", 64,
+     1000, 295_904_454, "base-imagenet"),
 ]
+
+
+def _entry(row: tuple[str, str, str, str, str, int, int, int, str]) -> CatalogueEntry:
+    name, dataset, preconditioner, architecture, config, resolution, label_dim, parameters, sampler = row
+    recommended, source = _SAMPLERS[sampler]
+    baseline = name.startswith("baseline-")
+    return CatalogueEntry(
+        name=name, url=f"{EDM_BASE_URL}{'baseline/' if baseline else ''}{name}.pkl", dataset=dataset,
+        preconditioner=preconditioner, architecture=architecture, config=config, img_resolution=resolution,
+        img_channels=3, label_dim=label_dim, parameters=parameters, recommended=dict(recommended),
+        recommended_from=source,
+        class_names=CIFAR10_CLASSES if dataset == "CIFAR-10" and label_dim == 10 else None,
+        note=_UNVERIFIED if baseline and resolution == 64 and dataset != "ImageNet" else "")
+
+
+_ENTRIES = [_entry(row) for row in _ROWS]
 
 CATALOGUE: dict[str, CatalogueEntry] = {entry.name: entry for entry in _ENTRIES}
 

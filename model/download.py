@@ -206,6 +206,8 @@ def _download_once(url: str, part: Path, part_meta: Path, *, allow_http: bool, m
         if e.code == 416 and have:  # our part is not a prefix of what the server has now
             part.unlink(missing_ok=True)
             return False
+        if e.code >= 500 or e.code == 429:  # the server's trouble: retried like a dropped connection
+            raise ConnectionError(f"HTTP {e.code} {e.reason}") from None
         raise DownloadError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
     with resp:
         if resp.status == 206 and have:

@@ -3,6 +3,7 @@
     with FileServer({"/net.pkl": blob}) as server:
         server.url("/net.pkl")
         server.drop_after["/net.pkl"] = 1000   # the next GET of it sends 1000 bytes, then closes
+        server.fail_next["/net.pkl"] = 503     # the next GET of it answers 503
         server.delay_s = 0.2                   # a pause per chunk (to make concurrent starters overlap)
         server.requests                         # [(path, range header or None)], in order
         server.sent_bytes                       # body bytes written, all requests together
@@ -22,6 +23,7 @@ class FileServer:
     def __init__(self, files: dict[str, bytes]) -> None:
         self.files = dict(files)
         self.drop_after: dict[str, int] = {}
+        self.fail_next: dict[str, int] = {}  # path -> HTTP status of its next answer
         self.delay_s = 0.0
         self.chunk = 1 << 14
         self.requests: list[tuple[str, str | None]] = []
@@ -61,6 +63,10 @@ class FileServer:
                 with server.lock:
                     server.requests.append((path, range_header))
                     drop = server.drop_after.pop(path, None)
+                    fail = server.fail_next.pop(path, None)
+                if fail is not None:
+                    self.send_error(fail)
+                    return
                 blob = server.files.get(path)
                 if blob is None:
                     self.send_error(404)

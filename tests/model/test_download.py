@@ -52,6 +52,15 @@ def test_resume_after_the_server_drops_the_connection(server, tmp_path):
     assert server.sent_bytes == len(BLOB)  # nothing sent twice
 
 
+def test_server_errors_are_retried_client_errors_are_not(server, tmp_path):
+    server.fail_next["/net.pkl"] = 503
+    assert get(server, tmp_path, retries=1).sha256 == DIGEST and len(server.requests) == 2
+    server.fail_next["/net.pkl"] = 403
+    with pytest.raises(DownloadError, match="HTTP 403"):
+        get(server, tmp_path / "other", retries=3)
+    assert len(server.requests) == 3
+
+
 def test_resume_in_a_later_process_after_giving_up(server, tmp_path):
     server.drop_after["/net.pkl"] = 200_000
     with pytest.raises(DownloadError, match="cannot download http://127.0.0.1.*net.pkl"):
