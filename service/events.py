@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from contract.events import PREVIEW_FIELD, Frame, JobEvent, decode_entry, events_key
+from contract.events import Frame, JobEvent, decode_entry, events_key
 from contract.jobs import JobStatus
-from contract.ledger import Keys
 from service.ledger import Ledger
 
 # -- reading (the gateway) --------------------------------------------------------------------------
@@ -119,8 +118,3 @@ def last_event(ledger: Ledger, job_id: str) -> JobEvent | None:
         return None
     entry_id, fields = entries[0]
     return decode_entry(job_id, entry_id, fields)
-
-
-def set_preview_every(ledger: Ledger, job_id: str, every: int) -> None:
-    """Ask the worker for x0 previews of this job with every k-th evaluation (0: none)."""
-    ledger.conn.hset(Keys.job(job_id), PREVIEW_FIELD, every)

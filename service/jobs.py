@@ -31,9 +31,9 @@ def resolve_request(req: GenerateRequest, settings: GatewaySettings, ledger: Led
 
 
 def admit(spec: JobSpec, owner: str, *, settings: GatewaySettings, ledger: Ledger, metrics: GatewayMetrics,
-          idempotency_key: str | None, body: GenerateRequest) -> tuple[str, bool]:
+          idempotency_key: str | None, body: GenerateRequest, preview_every: int = 0) -> tuple[str, bool]:
     """Enqueue unless the queue is full (429 with Retry-After); returns (job id, created). A replayed
-    Idempotency-Key returns its job first, whatever the queue holds."""
+    Idempotency-Key returns its job first, whatever the queue holds. `preview_every`: see Ledger.submit."""
     body_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
     try:
         replayed = None if idempotency_key is None else ledger.replay(owner, idempotency_key, body_hash)
@@ -51,7 +51,8 @@ def admit(spec: JobSpec, owner: str, *, settings: GatewaySettings, ledger: Ledge
         raise Problem(429, f"the queue holds {queued} network evaluations (limit {settings.max_queued_nfe}); "
                       f"retry in about {wait} s", headers={"Retry-After": str(wait)}, queued_nfe=queued)
     try:
-        job_id, created = ledger.submit(spec, owner, idempotency_key=idempotency_key, body_hash=body_hash)
+        job_id, created = ledger.submit(spec, owner, idempotency_key=idempotency_key, body_hash=body_hash,
+                                        preview_every=preview_every)
     except IdempotencyConflict:
         raise _key_conflict() from None
     if created:

@@ -17,6 +17,7 @@ from rq.job import Job
 from rq.job import JobStatus as RQStatus
 from rq.serializers import JSONSerializer
 
+from contract.events import PREVIEW_FIELD
 from contract.jobs import JobResult, JobSpec, JobStatus, Progress, WorkerInfo
 from contract.ledger import JOB_FUNC, Keys, Outcome, finish, new_job_id, text
 
@@ -81,15 +82,17 @@ class Ledger:
     # submission
 
     def submit(self, spec: JobSpec, owner: str, *, idempotency_key: str | None = None,
-               body_hash: str = "") -> tuple[str, bool]:
+               body_hash: str = "", preview_every: int = 0) -> tuple[str, bool]:
         """Enqueue a job; returns (job id, created). An Idempotency-Key seen before returns its job.
 
         The key is set in the same transaction as the job (WATCHed), so a key never names a job
-        that is still being created: two concurrent requests with one key make one job."""
+        that is still being created: two concurrent requests with one key make one job.
+        `preview_every` (k > 0: x0 previews with every k-th evaluation) is written in that transaction
+        too: a worker may claim the job at once and reads it then."""
         if idempotency_key is None:
             job_id = new_job_id()
             with self.conn.pipeline() as pipe:
-                self._enqueue(pipe, spec, owner, job_id)
+                self._enqueue(pipe, spec, owner, job_id, preview_every)
                 pipe.execute()
             return job_id, True
         rkey = Keys.idempotency(owner, idempotency_key)
@@ -102,14 +105,14 @@ class Ledger:
                         return existing, False
                     job_id = new_job_id()
                     pipe.multi()
-                    self._enqueue(pipe, spec, owner, job_id)
+                    self._enqueue(pipe, spec, owner, job_id, preview_every)
                     pipe.set(rkey, json.dumps({"job": job_id, "body": body_hash}), ex=self.idempotency_ttl_s)
                     pipe.execute()
                     return job_id, True
                 except WatchError:  # another request took the key meanwhile: its job exists now
                     continue
 
-    def _enqueue(self, pipe: Any, spec: JobSpec, owner: str, job_id: str) -> None:
+    def _enqueue(self, pipe: Any, spec: JobSpec, owner: str, job_id: str, preview_every: int = 0) -> None:
         """Queue on `pipe` (a MULTI pipeline) the RQ job, its edm:job hash and its queued NFE."""
         self.queue(spec.model).enqueue_call(
             JOB_FUNC, kwargs={"spec": spec.model_dump(mode="json")}, job_id=job_id,
@@ -120,6 +123,8 @@ class Ledger:
             "owner": owner, "model": spec.model, "images": spec.num_images, "nfe": spec.nfe_total,
             "qnfe": spec.nfe_total, "reruns": 0, "cancel": 0, "created": time.time()})
         pipe.incrby(Keys.QUEUED_NFE, spec.nfe_total)
+        if preview_every > 0:
+            pipe.hset(Keys.job(job_id), PREVIEW_FIELD, preview_every)
 
     def replay(self, owner: str, idempotency_key: str, body_hash: str) -> str | None:
         """The existing job of an Idempotency-Key (before admission: a replay is never refused as

@@ -21,7 +21,7 @@ import redis
 from contract.events import JobEvent
 from contract.jobs import JobStatus
 from contract.ledger import Keys, text
-from service.events import EventReader, set_preview_every
+from service.events import EventReader
 from service.grpc import convert
 from service.grpc.auth import owner_of_call
 from service.grpc.errors import RpcFailure, invalid_argument
@@ -78,9 +78,7 @@ class Servicer(service_grpc.GenerationServiceServicer):
     def GenerateStream(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         owner = self._owner(context)
         every = request.preview_every if request.HasField("preview_every") else 1
-        job_id = self._submit(request.spec, owner, context)
-        if every:
-            set_preview_every(self.ledger, job_id, every)
+        job_id = self._submit(request.spec, owner, context, preview_every=every)
         ended = self._cancel_when_abandoned(job_id, context)
         for event in self._events(job_id, "", context):
             if event.terminal:
@@ -126,7 +124,7 @@ class Servicer(service_grpc.GenerationServiceServicer):
 
     # helpers
 
-    def _submit(self, spec_message: Any, owner: str, context: grpc.ServicerContext) -> str:
+    def _submit(self, spec_message: Any, owner: str, context: grpc.ServicerContext, preview_every: int = 0) -> str:
         body = convert.generate_request(spec_message)
         settings, ledger = self.state.settings, self.ledger
         spec = resolve_request(body, settings, ledger, self.state.catalog)
@@ -134,7 +132,7 @@ class Servicer(service_grpc.GenerationServiceServicer):
         if idempotency_key is not None and not 0 < len(idempotency_key) <= 255:
             raise invalid_argument("idempotency-key", "at most 255 characters")
         job_id, _ = admit(spec, owner, settings=settings, ledger=ledger, metrics=self.state.metrics,
-                          idempotency_key=idempotency_key, body=body)
+                          idempotency_key=idempotency_key, body=body, preview_every=preview_every)
         return job_id
 
     def _wait(self, job_id: str, context: grpc.ServicerContext) -> JobStatus | None:

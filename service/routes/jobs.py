@@ -19,9 +19,16 @@ def submit_job(body: GenerateRequest, settings: SettingsDep, ledger: LedgerDep, 
                metrics: MetricsDep, owner: OwnerDep, idempotency_key: IdempotencyKeyDep = None) -> JSONResponse:
     """Queue a generation job; 202 with Location: /v1/jobs/{id}. A repeated Idempotency-Key
     returns the job it created the first time (header Idempotent-Replayed: true)."""
+    return queue_job(body, settings, ledger, catalog, metrics, owner, idempotency_key)
+
+
+def queue_job(body: GenerateRequest, settings: SettingsDep, ledger: LedgerDep, catalog: CatalogDep,
+              metrics: MetricsDep, owner: OwnerDep, idempotency_key: str | None,
+              preview_every: int = 0) -> JSONResponse:
+    """POST /v1/jobs's work; `preview_every` > 0 also asks for x0 previews (the playground's route)."""
     spec = resolve_request(body, settings, ledger, catalog)
     job_id, created = admit(spec, owner, settings=settings, ledger=ledger, metrics=metrics,
-                            idempotency_key=idempotency_key, body=body)
+                            idempotency_key=idempotency_key, body=body, preview_every=preview_every)
     view = job_view(visible_record(ledger, job_id, owner))
     headers = {"Location": job_url(job_id)}
     if not created:

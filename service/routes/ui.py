@@ -10,18 +10,14 @@ URLs (previews and downloads), and no inline script.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, JSONResponse
 
-from contract.events import PREVIEW_FIELD
-from contract.jobs import JobSpec
-from contract.ledger import Keys
 from service.deps import CatalogDep, IdempotencyKeyDep, LedgerDep, MetricsDep, OwnerDep, SettingsDep
 from service.errors import Problem
-from service.ledger import Ledger
-from service.routes.jobs import submit_job
+from service.routes.jobs import queue_job
 from service.schemas import GenerateRequest, JobView
 
 router = APIRouter(tags=["playground"])
@@ -59,25 +55,10 @@ def static_file(name: str) -> FileResponse:
     return _file(name)
 
 
-class PreviewingLedger(Ledger):
-    """The app's ledger (same connection, queues and TTLs) whose new jobs ask for x0 previews in the
-    transaction that queues them: a worker may claim a job the moment it is queued and reads the
-    job's preview setting then, so a setting written after the job would miss its first frames."""
-
-    def __init__(self, base: Ledger, every: int):
-        self.__dict__.update(base.__dict__)
-        self.preview_every = every
-
-    def _enqueue(self, pipe: Any, spec: JobSpec, owner: str, job_id: str) -> None:
-        super()._enqueue(pipe, spec, owner, job_id)
-        pipe.hset(Keys.job(job_id), PREVIEW_FIELD, self.preview_every)
-
-
 @router.post("/ui/jobs", status_code=202, response_model=JobView)
 def submit_with_previews(body: GenerateRequest, settings: SettingsDep, ledger: LedgerDep, catalog: CatalogDep,
                          metrics: MetricsDep, owner: OwnerDep, idempotency_key: IdempotencyKeyDep = None,
                          preview_every: Annotated[int, Query(ge=0, le=10_000)] = 1) -> JSONResponse:
     """POST /v1/jobs, plus x0 previews in the job's event stream with every k-th network evaluation
     (0: none); the playground watches the job at /v1/jobs/{id}/events."""
-    return submit_job(body, settings, PreviewingLedger(ledger, preview_every), catalog, metrics, owner,
-                      idempotency_key)
+    return queue_job(body, settings, ledger, catalog, metrics, owner, idempotency_key, preview_every)

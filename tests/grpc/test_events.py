@@ -11,7 +11,7 @@ from contract.jobs import ImageInfo, JobResult, JobSpec, JobStatus, SamplerParam
 from contract.ledger import Outcome
 from model.generate import EvalEvent
 from model.images import decode_png, to_pixels
-from service.events import EventReader, set_preview_every
+from service.events import EventReader
 from service.ledger import Ledger
 from tests.worker.test_batcher import job
 from worker.batcher import plan_batch
@@ -65,8 +65,7 @@ def test_reader_positions_stored_events_resume_and_derived_ends(redis_conn: redi
     (end,) = reader.poll()
     assert (end.type, end.data["status"], end.id, reader.finished) == ("error", "cancelled", "", True)
 
-    third = book.submit(spec(2), "o")[0]
-    set_preview_every(book, third, 3)
+    third = book.submit(spec(2), "o", preview_every=3)[0]  # asked for in the transaction that queues it
     worker = WorkerQueue(redis_conn, "w1", result_ttl_s=60, failure_ttl_s=60, heartbeat_ttl_s=5, max_reruns=1)
     (claimed,) = worker.claim("m", 1)
     assert worker.preview_every([third]) == {third: 3}
