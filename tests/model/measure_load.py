@@ -1,6 +1,6 @@
 """Measure model load time and peak memory: NVlabs pickle vs our cached safetensors + card.
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m tests.model.measure_load [--repeat 3] [--sizes bundled,cifar]
+    OMP_NUM_THREADS=1 .venv/bin/python -m tests.model.measure_load [--repeat 3] [--sizes bundled,cifar,imagenet]
 
 For each size: writes a pickle in the reference's format (tests/model/nvlabs_format.py) and its
 conversion, then loads each in a fresh process (`load_model`, CPU), reporting wall time and the
@@ -25,6 +25,10 @@ ROOT = Path(__file__).resolve().parents[2]
 CIFAR = dict(img_resolution=32, img_channels=3, label_dim=10, model_type="SongUNet", embedding_type="positional",
              encoder_type="standard", decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1],
              model_channels=128, channel_mult=[2, 2, 2], augment_dim=9, dropout=0.13, use_fp16=False)
+
+IMAGENET = dict(img_resolution=64, img_channels=3, label_dim=1000, model_type="DhariwalUNet", model_channels=192,
+                channel_mult=[1, 2, 3, 4], dropout=0.1, use_fp16=True)
+CONFIGS = {"cifar": CIFAR, "imagenet": IMAGENET}
 
 PROBE = textwrap.dedent("""
     import json, sys, time
@@ -62,7 +66,7 @@ def make(size: str, folder: Path) -> tuple[Path, Path]:
             t.data = t.data.clone()                      # or the pickle would hold that buffer once per tensor
     else:
         torch.manual_seed(0)
-        net, kwargs = EDMPrecond(**CIFAR), CIFAR  # type: ignore[arg-type]
+        net, kwargs = EDMPrecond(**CONFIGS[size]), CONFIGS[size]  # type: ignore[arg-type]
     pkl = folder / f"{size}.pkl"
     pkl.write_bytes(nv.snapshot_bytes(net, dict(kwargs)))
     convert(pkl, folder / f"{size}.json")
