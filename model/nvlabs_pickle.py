@@ -91,7 +91,9 @@ _MAX_DEPTH = 64   # nesting of modules / init arguments
 # nested tuples (dict keys, set members). So every walk of file data draws on a node budget, and
 # keys and set members must be flat.
 MAX_NODES = 200_000            # nodes visited per walk (init arguments, provenance, module tree)
-_SMALL_BYTES = 1 << 16         # bytes objects larger than this are not kept in the unpickler's memo
+_SMALL_BYTES = 1 << 16         # larger byte payloads are read only when a storage uses them
+MAX_OPCODES = 2_000_000        # a real network pickle has about 100 opcodes per tensor (~44,000 for CIFAR-10)
+_MAX_TEXT = 64 << 20           # longest string (module_src is ~100 kB)
 
 
 class CheckpointError(ValueError):
@@ -292,15 +294,49 @@ class _LegacyUnpickler(pickle.Unpickler):
         return ref
 
 
+class _Payload(_Inert):
+    """A byte payload of the file, read only when a tensor storage uses it (and only once): a file's
+    large payloads cost no memory unless they become weights."""
+
+    def __init__(self, f: Any, offset: int, length: int) -> None:
+        self.f, self.offset, self.length, self.used = f, offset, length, False
+
+    def head(self, limit: int = _SMALL_BYTES) -> bytes:
+        """The start of the payload (a storage's small header pickles)."""
+        return self._read(0, min(self.length, limit))
+
+    def _read(self, start: int, n: int) -> bytes:
+        where = self.f.tell()
+        try:
+            self.f.seek(self.offset + start)
+            return cast(bytes, self.f.read(n))
+        finally:
+            self.f.seek(where)
+
+    def read_into(self, start: int, buffer: Any) -> None:
+        if self.used:
+            raise UnsafeCheckpointError("one tensor payload used by two storages")
+        self.used = True
+        where = self.f.tell()
+        try:
+            self.f.seek(self.offset + start)
+            if self.f.readinto(buffer) != len(buffer):
+                raise CheckpointError("tensor storage payload is truncated")
+        finally:
+            self.f.seek(where)
+
+
 def _parse_legacy_storage(data: Any) -> _Storage:
     """Decode ``torch.storage._load_from_bytes(data)``: one storage in the legacy torch.save layout.
 
     Layout: pickle(magic), pickle(protocol), pickle(sys_info), pickle(the storage, as a persistent
     id), pickle([keys]), then per key: int64 little-endian element count + raw little-endian data.
     """
-    if not isinstance(data, bytes):
+    if isinstance(data, bytes):
+        data = _Payload(io.BytesIO(data), 0, len(data))
+    if not isinstance(data, _Payload):
         raise UnsafeCheckpointError("tensor storage payload is not bytes")
-    f = io.BytesIO(data)
+    f = io.BytesIO(data.head())
     if _LegacyUnpickler(f).load() != _LEGACY_MAGIC:
         raise CheckpointError("tensor storage has a bad magic number")
     if _LegacyUnpickler(f).load() != _LEGACY_PROTOCOL:
@@ -318,11 +354,11 @@ def _parse_legacy_storage(data: Any) -> _Storage:
     if count != ref.numel:
         raise CheckpointError(f"tensor storage declares {ref.numel} elements but holds {count}")
     start, nbytes = f.tell(), count * itemsize
-    if start + nbytes != len(data):
+    if start + nbytes != data.length:
         raise CheckpointError("tensor storage payload is truncated or has trailing bytes")
-    flat = torch.empty(count, dtype=ref.dtype)  # one copy, straight from the pickle's bytes
+    flat = torch.empty(count, dtype=ref.dtype)  # read straight from the file into the tensor
     if nbytes:
-        flat.view(torch.uint8).numpy()[:] = np.frombuffer(data, dtype=np.uint8, count=nbytes, offset=start)
+        data.read_into(start, flat.view(torch.uint8).numpy())
     return _Storage(flat)
 
 
@@ -488,12 +524,67 @@ def _memo_value(value: Any) -> Any:
 _PyUnpickler: Any = pickle._Unpickler  # type: ignore[attr-defined]  # the pure-Python implementation
 
 
+def _counted(load: Any) -> Any:
+    """An opcode handler that counts: unpickling any file stops after MAX_OPCODES opcodes."""
+    def run(self: Any) -> None:
+        self.ops += 1
+        if self.ops > MAX_OPCODES:
+            raise CheckpointError(f"more than {MAX_OPCODES} pickle opcodes; a network pickle has far fewer")
+        load(self)
+    return run
+
+
 class _SafeUnpickler(_PyUnpickler):
     """The pure-Python unpickler, so that every opcode that could expand can be checked: dict keys
     and set members must be flat (``_flat_key``); large byte payloads (tensor storages) are not kept
     in the memo, so each is freed once its tensor is built (peak memory about 1x the weights)."""
 
     dispatch = dict(_PyUnpickler.dispatch)
+
+    def __init__(self, f: Any, size: int) -> None:
+        super().__init__(f)
+        self.raw, self.size, self.ops = f, size, 0
+
+    def _bytes(self, n: int) -> None:
+        """A BINBYTES payload: small ones and those inside a frame as read; large ones become a
+        _Payload (offset and length) and the file is skipped past them."""
+        frame = self._unframer.current_frame
+        if frame is not None:
+            here = frame.tell()
+            if here < frame.seek(0, io.SEEK_END):
+                frame.seek(here)
+                self.append(self.read(n))
+                return
+            self._unframer.current_frame = None
+        if n <= _SMALL_BYTES:
+            self.append(self.read(n))
+            return
+        start = self.raw.tell()
+        if start + n > self.size:
+            raise CheckpointError(f"a payload of {n} bytes runs past the end of the file")
+        self.raw.seek(start + n)
+        self.append(_Payload(self.raw, start, n))
+
+    def load_binbytes(self) -> None:
+        (n,) = struct.unpack("<I", self.read(4))
+        self._bytes(n)
+
+    def load_binbytes8(self) -> None:
+        (n,) = struct.unpack("<Q", self.read(8))
+        self._bytes(n)
+
+    def _text(self, n: int) -> None:
+        if n > _MAX_TEXT:
+            raise CheckpointError(f"a string of {n} bytes (at most {_MAX_TEXT})")
+        self.append(str(self.read(n), "utf-8", "surrogatepass"))
+
+    def load_binunicode(self) -> None:
+        (n,) = struct.unpack("<I", self.read(4))
+        self._text(n)
+
+    def load_binunicode8(self) -> None:
+        (n,) = struct.unpack("<Q", self.read(8))
+        self._text(n)
 
     def _put(self, index: Any) -> None:
         self.memo[index] = _memo_value(self.stack[-1])
@@ -541,8 +632,11 @@ class _SafeUnpickler(_PyUnpickler):
     for _op, _fn in ((pickle.PUT, load_put), (pickle.BINPUT, load_binput), (pickle.LONG_BINPUT, load_long_binput),
                      (pickle.MEMOIZE, load_memoize), (pickle.SETITEM, load_setitem),
                      (pickle.SETITEMS, load_setitems), (pickle.ADDITEMS, load_additems),
-                     (pickle.FROZENSET, load_frozenset)):
+                     (pickle.FROZENSET, load_frozenset), (pickle.BINBYTES, load_binbytes),
+                     (pickle.BINBYTES8, load_binbytes8), (pickle.BINUNICODE, load_binunicode),
+                     (pickle.BINUNICODE8, load_binunicode8)):
         dispatch[_op[0]] = _fn
+    dispatch = {op: _counted(fn) for op, fn in dispatch.items()}
     del _op, _fn
 
     def find_class(self, module: str, name: str) -> Any:
@@ -571,39 +665,18 @@ class Snapshot:
     sha256: str        # of the whole file
 
 
-class _HashingReader:
-    """The file as the unpickler reads it, hashed on the way (the digest covers exactly the bytes parsed)."""
-
-    def __init__(self, f: Any) -> None:
-        self.f = f
-        self.h = hashlib.sha256()
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.f.read(n)
-        self.h.update(data)
-        return data
-
-    def readline(self) -> bytes:
-        data = self.f.readline()
-        self.h.update(data)
-        return data
-
-    def readinto(self, buf: Any) -> int:
-        n = self.f.readinto(buf)
-        self.h.update(memoryview(buf)[:n])
-        return n
-
-    def finish(self) -> str:
-        """Hash whatever follows the pickle too, and return the digest of the whole file."""
-        for chunk in iter(lambda: self.f.read(1 << 20), b""):
-            self.h.update(chunk)
-        return self.h.hexdigest()
+def _sha256_stream(f: Any) -> str:
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+    return h.hexdigest()
 
 
 def read_snapshot(path: str | Path) -> Snapshot:
     """Unpickle a network snapshot into inert records; raises CheckpointError / UnsafeCheckpointError.
 
-    The file is streamed (never held whole in memory) and hashed as it is read."""
+    Two passes over the file, never held whole in memory: sha256, then the unpickler, which skips
+    large payloads and reads each straight into its tensor when a storage uses it."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -623,9 +696,11 @@ def _read(f: Any, *, source: str) -> Snapshot:
     if head == b"PK\x03\x04":
         raise CheckpointError(f"{source}: a zip archive (torch.save's format?), not a network snapshot pickle")
     f.seek(0)
-    reader = _HashingReader(f)
+    digest = _sha256_stream(f)
+    size = f.tell()
+    f.seek(0)
     try:
-        data = _SafeUnpickler(reader).load()
+        data = _SafeUnpickler(f, size).load()
     except CheckpointError as e:
         raise type(e)(f"{source}: {e}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
@@ -639,7 +714,7 @@ def _read(f: Any, *, source: str) -> Snapshot:
     ema = data["ema"]
     if not isinstance(ema, PersistentRecord):
         raise CheckpointError(f"{source}: 'ema' is not a persistent NVlabs network object")
-    return Snapshot(data=data, ema=ema, source=source, sha256=reader.finish())
+    return Snapshot(data=data, ema=ema, source=source, sha256=digest)
 
 
 def collect_state_dict(record: PersistentRecord | InertModule) -> dict[str, torch.Tensor]:

@@ -263,3 +263,31 @@ def test_safetensors_whose_header_overlaps_or_misstates_sizes_is_refused(tmp_pat
         card_path.write_text(json.dumps(card))
         with pytest.raises(nvlabs_pickle.CheckpointError, match=message):
             load_model(card_path)
+
+
+def test_payloads_no_storage_uses_cost_no_memory(tmp_path):
+    junk = bytes(64 << 20)  # 64 MiB beside a 0.7 MiB network: skipped, never read
+    net = tiny_net()
+    path = tmp_path / "junk.pkl"
+    path.write_bytes(nv.dumps({"ema": net, "junk": junk}, init_kwargs={id(net): TINY_KWARGS}))
+    result = probe(path)
+    assert result["error"] is None and result["peak_mib"] < 32, result
+
+
+def test_a_payload_shared_by_two_storages_is_refused(tmp_path):
+    _, (payload,) = torch.zeros(1 << 15)._typed_storage().__reduce__()  # 128 KiB: read lazily
+    rebuild = nv.Global("torch._utils", "_rebuild_tensor_v2")
+    storage = nv.Global("torch.storage", "_load_from_bytes")
+    tensors = {name: nv.Call(rebuild, nv.Call(storage, payload), 0, (1 << 15,), (1,), False, {})
+               for name in ("a", "b")}  # the same bytes object: the second is a memo reference
+    state = {"_init_args": (), "_init_kwargs": {}, "_parameters": tensors, "_buffers": {}, "_modules": {}}
+    path = tmp_path / "shared.pkl"
+    path.write_bytes(nv.dumps({"ema": nv.PersistentObject("EDMPrecond", state)}))
+    assert "used by two storages" in probe(path)["error"]
+
+
+def test_too_many_opcodes_are_refused_in_bounded_time(tmp_path):
+    path = tmp_path / "ops.pkl"
+    path.write_bytes(pickle.dumps({"ema": [0] * 3_000_000}, protocol=4))  # ~3 M opcodes, 6 MB
+    result = probe(path)
+    assert "more than 2000000 pickle opcodes" in result["error"] and result["seconds"] < 5, result
