@@ -1,8 +1,9 @@
 """`edm-serve sample | inspect | convert | models | pull`: the reference's generate.py, and checkpoint tools.
 
 `sample` takes the options of NVlabs generate.py with the same names and meanings (--model in
-place of --network) and writes the same files: given the same pickle and options on the same
-device type, the same PNG bytes. Unlike the reference it also runs on the CPU.
+place of --network) and writes the same files. It runs the worker's slot engine, so it writes the
+service's PNG bytes; with --pass-sizes 1+ (unpadded passes, as the reference's calls) the
+reference's, for any batch. Unlike the reference it also runs on the CPU.
 
 Every model argument is a source (model/sources.py): a local file, a catalogue name or an https://
 URL (optionally ``#sha256=HEX``). Downloads go to EDM_CACHE_DIR (or --cache-dir) with a progress
