@@ -203,6 +203,7 @@ def _download_once(url: str, part: Path, part_meta: Path, *, allow_http: bool, m
     try:
         resp = opener.open(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as e:
+        e.close()  # its body is not wanted; the socket goes now, not at garbage collection
         if e.code == 416 and have:  # our part is not a prefix of what the server has now
             part.unlink(missing_ok=True)
             return False
