@@ -63,7 +63,7 @@ def run(settings) -> int:  # noqa: ANN001 - WorkerSettings, imported lazily abov
     import torch
 
     from contract.ledger import connect
-    from service.catalog import catalog_card_json, configured_models
+    from contract.models import catalog_card_json, configured_models
     from worker.engine import Engine
     from worker.metrics import WorkerMetrics
     from worker.queue import WorkerQueue

@@ -10,11 +10,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from contract.models import configured_models, configured_sources
 from contract.settings import WorkerSettings
 from model.card import ModelCard
 from model.catalogue import CATALOGUE, CatalogueEntry
 from service.app import create_app
-from service.catalog import Catalog, configured_models, configured_sources
+from service.catalog import Catalog
 from service.schemas import GenerateRequest
 from service.settings import GatewaySettings
 from service.validation import resolve
@@ -104,8 +105,8 @@ def test_omitted_sampler_settings_take_the_recommended_ones():
 
 
 def test_the_bundled_card_recommends_its_own_settings():
+    from contract.models import bundled_card_path
     from model.card import load_card
-    from service.catalog import bundled_card_path
 
     path = bundled_card_path()
     assert path is not None and load_card(path).recommended == {"num_steps": 18}
@@ -123,7 +124,7 @@ def test_two_workers_starting_together_download_and_convert_once(blob, tmp_path)
         script = textwrap.dedent(f"""
             import logging
             logging.basicConfig(level=logging.INFO)
-            from service.catalog import configured_models
+            from contract.models import configured_models
             from contract.settings import WorkerSettings
             settings = WorkerSettings(models={{"tiny": {server.url('/tiny.pkl')!r}}}, bundled_model=False,
                                       cache_dir={str(tmp_path)!r}, allow_http=True)
