@@ -27,7 +27,7 @@ hostile file names. Here instead:
   stride, ...)`` and its storage is ``torch.storage._load_from_bytes(b)``, ``b`` being a legacy
   ``torch.save`` stream. That stream is parsed here (``_parse_legacy_storage``): its four small
   pickles go through a second unpickler whose allow-list holds only the ``torch.*Storage`` type
-  names, and the raw little-endian payload becomes a tensor via ``torch.frombuffer``. We do not hand
+  names, and the raw little-endian data is read straight from the file into a new tensor. We do not hand
   those bytes to ``torch.load(weights_only=True)``: its legacy-format path has had a remote code
   execution bug (CVE-2025-32434, torch <= 2.5.1), its allow-list is much larger than what a
   storage needs and changes between torch versions; a 60-line parser of a frozen format is easier
@@ -35,9 +35,22 @@ hostile file names. Here instead:
 * numpy scalars (``numpy.core.multiarray.scalar`` or ``numpy._core.multiarray.scalar``) decode to
   Python numbers for plain numeric dtypes only.
 
-Only after the whole file has been read into inert records do we build a network, and only from
-our own classes: ``PRECONDITIONERS[class_name]`` with ``model_type`` one of ``NETWORKS``; then the
-collected state_dict must match the network's exactly (keys, shapes, dtypes).
+Bounded work and memory, whatever the file (a file up to 1 GB is loaded or refused within seconds
+plus the time to read it, using about the memory of the weights it really carries):
+
+* The unpickler is the pure-Python one, so each expanding opcode can be checked: at most
+  ``MAX_OPCODES`` opcodes; dict keys and set members must be flat (hashing nested tuples with
+  shared references is exponential); strings up to 64 MiB. Large byte payloads are not read when
+  met: the file is skipped past them (``_Payload``) and a payload is read, once, straight into its
+  tensor when a storage uses it, so junk costs nothing and no payload is held twice.
+* Every later walk of the data (constructor arguments, module tree, provenance) draws on a
+  ``NodeBudget``: shared references cannot expand into exponentially many nodes. Error messages
+  show file data through a bounded repr (``show``).
+* Only after the whole file has been read into inert records do we build a network, and only from
+  our own classes (``PRECONDITIONERS[class_name]`` with ``model_type`` one of ``NETWORKS``):
+  ``build_with_weights`` constructs it from the claimed arguments with its weights on the meta
+  device and its torch calls counted, requires exactly the keys, shapes and dtypes of the tensors
+  the file carries and at most ``max_parameters`` weights, then makes those tensors its weights.
 """
 
 from __future__ import annotations
