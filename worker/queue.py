@@ -195,15 +195,20 @@ class WorkerQueue:
     # running
 
     def mark_started(self, job: Claimed) -> None:
+        self.mark_started_many([job])
+
+    def mark_started_many(self, jobs: Sequence[Claimed]) -> None:
+        """Jobs whose first image entered the sampler: running, in RQ's started registry, a started event."""
         now = time.time()
-        execution = f"{job.id}:{self.id}"
-        registry = StartedJobRegistry(job.spec.model, connection=self.conn).key
         with self.conn.pipeline() as pipe:
-            pipe.hset(Keys.rq_job(job.id), mapping={"status": RQStatus.STARTED.value, "worker_name": self.id,
-                                                    "started_at": rq_time(now)})
-            pipe.zadd(registry, {execution: "+inf"})  # never "expires": our reaper handles dead workers
-            pipe.hset(Keys.job(job.id), mapping={"started": now, "worker": self.id, "execution": execution})
-            add_event(pipe, job.id, "started", {"started_at": now, "worker": self.id}, ttl_s=self.result_ttl_s)
+            for job in jobs:
+                execution = f"{job.id}:{self.id}"
+                registry = StartedJobRegistry(job.spec.model, connection=self.conn).key
+                pipe.hset(Keys.rq_job(job.id), mapping={"status": RQStatus.STARTED.value, "worker_name": self.id,
+                                                        "started_at": rq_time(now)})
+                pipe.zadd(registry, {execution: "+inf"})  # never "expires": our reaper handles dead workers
+                pipe.hset(Keys.job(job.id), mapping={"started": now, "worker": self.id, "execution": execution})
+                add_event(pipe, job.id, "started", {"started_at": now, "worker": self.id}, ttl_s=self.result_ttl_s)
             pipe.execute()
 
     def report(self, progress: dict[str, dict[Any, Any]]) -> set[str]:
@@ -234,15 +239,17 @@ class WorkerQueue:
                 add_event(pipe, job_id, "image", info.model_dump(mode="json"), ttl_s=self.result_ttl_s)
             pipe.execute()
 
-    def store_images(self, job_id: str, images: Sequence[tuple[ImageInfo, bytes]]) -> None:
-        """Finished images of one job, each kept at once (PNG, its info for a rerun, an image event), in
-        one transaction: a rerun after a worker death recomputes only the images not stored yet."""
+    def store_images(self, stores: Sequence[tuple[str, Sequence[tuple[ImageInfo, bytes]]]]) -> None:
+        """Finished images of jobs, (job id, [(info, PNG)]), each kept at once (PNG, its info for a rerun,
+        an image event), in one transaction: a rerun after a worker death recomputes only the images
+        not stored yet."""
         with self.conn.pipeline() as pipe:
-            for info, data in images:
-                pipe.set(Keys.png(job_id, info.index), data, ex=self.result_ttl_s)
-                pipe.hset(Keys.images(job_id), str(info.index), info.model_dump_json())
-                add_event(pipe, job_id, "image", info.model_dump(mode="json"), ttl_s=self.result_ttl_s)
-            pipe.expire(Keys.images(job_id), self.result_ttl_s)
+            for job_id, images in stores:
+                for info, data in images:
+                    pipe.set(Keys.png(job_id, info.index), data, ex=self.result_ttl_s)
+                    pipe.hset(Keys.images(job_id), str(info.index), info.model_dump_json())
+                    add_event(pipe, job_id, "image", info.model_dump(mode="json"), ttl_s=self.result_ttl_s)
+                pipe.expire(Keys.images(job_id), self.result_ttl_s)
             pipe.execute()
 
     def stored_images(self, ids: list[str]) -> dict[str, dict[int, ImageInfo]]:

@@ -173,6 +173,7 @@ class StepWorker(Worker):
         if not any(table.occupied for table in self.tables.values()):
             self.state = State.idle
             self._set_busy(0)
+            self.last_pass_at = time.monotonic()  # idle is not hung: the clock starts with the next work
             if not self.flights and not draining:
                 self._reconcile()
                 self._adopt(self._wait_for_work())
@@ -266,7 +267,7 @@ class StepWorker(Worker):
             if flight.admitted_at is None:
                 flight.admitted_at = now
                 flight.job.started = True
-                self.writer.must("started", lambda job=flight.job: self.queue.mark_started(job))  # type: ignore[misc]
+                self.writer.must("started", self.queue.mark_started_many, flight.job)
                 model = flight.job.spec.model
                 self.metrics.admission_wait.labels(model).observe(now - flight.claimed_at)
                 self.metrics.queue_wait.labels(model).observe(max(0.0, now - flight.job.created_at))
@@ -324,20 +325,22 @@ class StepWorker(Worker):
                 flight.stored[index] = ImageInfo(index=index, seed=image.seed, class_label=image.class_label,
                                                  metadata={})  # the writer fills in the metadata
             self.metrics.images.labels(flight.job.spec.model).inc(len(images))
-            self.writer.must("images", self._image_writer(flight, infos))
+            self.writer.must("images", self._write_images, (flight, infos))
             if flight.finished:
                 self._succeed(flight)
 
-    def _image_writer(self, flight: Flight, images: list[tuple[int, GeneratedImage]]) -> Callable[[], None]:
-        def write() -> None:
+    def _write_images(self, items: list[tuple[Flight, list[tuple[int, GeneratedImage]]]]) -> None:
+        """In the writer: PNGs with metadata, then every job's images in one transaction."""
+        stores = []
+        for flight, images in items:
             encoded = []
             for index, image in images:
                 data, text = self.engine.encode(flight.job.spec, image)
                 info = ImageInfo(index=index, seed=image.seed, class_label=image.class_label, metadata=text)
                 flight.stored[index] = info
                 encoded.append((info, data))
-            self.queue.store_images(flight.id, encoded)
-        return write
+            stores.append((flight.id, encoded))
+        self.queue.store_images(stores)
 
     def _succeed(self, flight: Flight) -> None:
         self.flights.pop(flight.id, None)
@@ -347,7 +350,7 @@ class StepWorker(Worker):
         spec = flight.job.spec
         final = {"step": spec.sampler.num_steps, "num_steps": spec.sampler.num_steps, "nfe_done": spec.nfe_total,
                  "images_done": spec.num_images}
-        self.writer.best_effort("progress", lambda: self._flag(self.queue.report({flight.id: final})))
+        self.writer.best_effort("progress", self._write_report, ({flight.id: final}, None))
 
         def outcome() -> Outcome:  # built in the writer: the images' metadata is filled in by then
             images = [flight.stored[k] for k in sorted(flight.stored)]
@@ -368,10 +371,13 @@ class StepWorker(Worker):
             self._end_later(job, lambda outcome=outcome: outcome)  # type: ignore[misc]
 
     def _end_later(self, job: Claimed, outcome: Callable[[], Outcome]) -> None:
-        def write() -> None:
-            ended = [(job, outcome())]
-            self._record_written(ended, self.queue.finish([ended[0][1]]))
-        self.writer.must("finish", write, ending=[job.id])
+        """The job's terminal state, written by the writer after everything handed over before it."""
+        self.writer.must("finish", self._write_finishes, (job, outcome), ending=[job.id])
+
+    def _write_finishes(self, items: list[tuple[Claimed, Callable[[], Outcome]]]) -> None:
+        """In the writer: the terminal states of many jobs in one transaction."""
+        ended = [(job, outcome()) for job, outcome in items]
+        self._record_written(ended, self.queue.finish([outcome for _, outcome in ended]))
 
     # cancellation and progress
 
@@ -410,7 +416,7 @@ class StepWorker(Worker):
                     "nfe_total": flight.job.spec.sampler.nfe_per_image, "images_done": len(flight.stored)}
             events.append((job_id, data, previews))
         if events:
-            self.writer.best_effort("events", lambda: self._publish(events))
+            self.writer.best_effort("events", self._publish, *events)
         now = time.monotonic()
         if now - self._last_report >= self.report_interval_s:
             self._last_report = now
@@ -436,18 +442,17 @@ class StepWorker(Worker):
                                  "nfe_done": flight.nfe_before + flight.nfe_done, "images_done": len(flight.stored)}
         if not fields:
             return
-        flights = dict(self.flights)
+        self.writer.best_effort("progress", self._write_report, (fields, dict(self.flights)))
 
-        def report() -> None:
-            self._flag(self.queue.report(fields))
-            for job_id, every in self.queue.preview_every(list(fields)).items():
-                if job_id in flights:
-                    flights[job_id].previews_every = every
-        self.writer.best_effort("progress", report)
-
-    def _flag(self, ids: set[str]) -> None:
-        """In the writer: cancellation flags read from the job records (the pub/sub message may be lost)."""
-        self._flagged = ids
+    def _write_report(self, items: list[tuple[dict[str, dict[str, int]], dict[str, Flight] | None]]) -> None:
+        """In the writer: progress fields into the job records; the cancellation flags (the pub/sub
+        message may be lost) and, with the periodic report, the preview settings come back."""
+        fields = {job_id: values for batch, _ in items for job_id, values in batch.items()}
+        self._flagged = self.queue.report(fields)
+        flights = {job_id: flight for _, batch in items if batch for job_id, flight in batch.items()}
+        if flights:
+            for job_id, every in self.queue.preview_every(list(flights)).items():
+                flights[job_id].previews_every = every
 
     def _give_back_unstarted(self) -> None:
         """Draining: jobs with no image in a table go back to their queues now; the rest at exit."""

@@ -9,6 +9,10 @@ order given, so a job's images are stored before its terminal state. Two kinds o
   A job whose terminal state was never written stays in the worker's claimed list and goes back to
   its queue with it; the images it stored stay, so its rerun computes only the others.
 
+Consecutive tasks of one kind are merged: the writer hands their items to one call (one pipeline or
+transaction for many jobs' images, or terminal states), so a burst of jobs ending together costs a
+few round trips, not one per job.
+
 At most `max_tasks` tasks wait; beyond that `put` blocks the pass loop (the time is counted in
 edm_pass_loop_wait_seconds), which bounds the memory that a slow Redis can make the worker hold.
 """
@@ -21,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -32,15 +37,17 @@ log = logging.getLogger("worker.writer")
 @dataclass(frozen=True)
 class _Task:
     name: str
-    run: Callable[[], None]
+    run: Callable[[list[Any]], None]     # called with the items of every merged task
+    items: tuple[Any, ...]
     must_succeed: bool
     ending: frozenset[str] = frozenset()  # ids whose terminal state this task writes
 
 
 class Writer:
-    def __init__(self, metrics: WorkerMetrics, max_tasks: int = 512, retry_s: float = 0.5):
+    def __init__(self, metrics: WorkerMetrics, max_tasks: int = 512, retry_s: float = 0.5, max_merged: int = 256):
         self.metrics = metrics
         self.retry_s = retry_s
+        self.max_merged = max_merged
         self._tasks: queue.Queue[_Task | None] = queue.Queue(max_tasks)
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -50,14 +57,16 @@ class Writer:
     def start(self) -> None:
         self._thread.start()
 
-    def best_effort(self, name: str, run: Callable[[], None]) -> None:
-        self._put(_Task(name, run, must_succeed=False))
+    def best_effort(self, name: str, run: Callable[[list[Any]], None], *items: Any) -> None:
+        """run(items of this and the merged tasks); a Redis error skips it."""
+        self._put(_Task(name, run, items, must_succeed=False))
 
-    def must(self, name: str, run: Callable[[], None], ending: Collection[str] = ()) -> None:
+    def must(self, name: str, run: Callable[[list[Any]], None], *items: Any, ending: Collection[str] = ()) -> None:
+        """run(items of this and the merged tasks), retried until it succeeds or the worker stops."""
         ids = frozenset(ending)
         with self._lock:
             self._ending |= ids
-        self._put(_Task(name, run, must_succeed=True, ending=ids))
+        self._put(_Task(name, run, items, must_succeed=True, ending=ids))
 
     def ending(self) -> set[str]:
         """Ids whose terminal state is handed over but not written yet (never give these back)."""
@@ -70,7 +79,7 @@ class Writer:
     def flush(self, timeout_s: float) -> bool:
         """Wait until every task handed over so far has run; False on timeout."""
         done = threading.Event()
-        self._put(_Task("flush", done.set, must_succeed=False))
+        self._put(_Task("flush", lambda _: done.set(), (), must_succeed=False))
         return done.wait(timeout_s)
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -90,19 +99,33 @@ class Writer:
             self.metrics.loop_wait.inc(time.perf_counter() - started)
 
     def _run(self) -> None:
+        next_task: list[_Task | None] = []  # a task taken out while merging, to run next
         while True:
-            task = self._tasks.get()
+            task = next_task.pop() if next_task else self._tasks.get()
             if task is None:
                 return
-            self._execute(task)
-            if task.ending:
+            batch = [task]
+            while len(batch) < self.max_merged:
+                try:
+                    more = self._tasks.get_nowait()
+                except queue.Empty:
+                    break
+                if more is not None and more.name == task.name and more.run == task.run:
+                    batch.append(more)
+                else:
+                    next_task.append(more)
+                    break
+            merged = _Task(task.name, task.run, tuple(item for t in batch for item in t.items), task.must_succeed,
+                           frozenset().union(*(t.ending for t in batch)))
+            self._execute(merged)
+            if merged.ending:
                 with self._lock:
-                    self._ending -= task.ending
+                    self._ending -= merged.ending
 
     def _execute(self, task: _Task) -> None:
         while True:
             try:
-                task.run()
+                task.run(list(task.items))
                 return
             except redis.RedisError as error:
                 if not task.must_succeed:
