@@ -81,9 +81,10 @@ class Engine:
         self.models: dict[str, ServedModel] = {}
         self.version = software_version()
 
-    def load(self, name: str, path: Path) -> ServedModel:
+    def load(self, name: str, path: Path, max_parameters: int | None = None) -> ServedModel:
         started = time.perf_counter()
-        loaded = load_model(path, device=self.device)
+        loaded = (load_model(path, device=self.device) if max_parameters is None
+                  else load_model(path, device=self.device, max_parameters=max_parameters))
         net = loaded.net
         if self.dtype != "auto":
             net.compute_dtype = DTYPES[self.dtype]

@@ -83,7 +83,7 @@ def run(settings) -> int:  # noqa: ANN001 - WorkerSettings, imported lazily abov
     engine = Engine(settings.device, settings.dtype, max_pass_rows=settings.max_pass_rows,
                     pass_sizes=settings.pass_sizes)
     for name in serve:
-        served = engine.load(name, models[name])
+        served = engine.load(name, models[name], max_parameters=settings.max_parameters)
         metrics.load_seconds.labels(name).set(served.load_s)
     conn = connect(settings.redis_url, settings.redis_timeout_s)
     queue = WorkerQueue(conn, worker_id(settings.name), result_ttl_s=settings.result_ttl_s,
