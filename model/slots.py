@@ -186,6 +186,14 @@ class SlotEngine:
     def rows_of(self, group: Hashable) -> int:
         return sum(len(cohort.live_of(group)) for cohort in self.cohorts)
 
+    def rows_by_group(self) -> dict[Hashable, int]:
+        """Occupied rows per group, in one walk of the table."""
+        counts: dict[Hashable, int] = {}
+        for cohort in self.cohorts:
+            for i in cohort.live:
+                counts[cohort.groups[i]] = counts.get(cohort.groups[i], 0) + 1
+        return counts
+
     def groups(self) -> list[Hashable]:
         return list(dict.fromkeys(c.groups[i] for c in self.cohorts for i in c.live))
 
@@ -293,6 +301,10 @@ class SlotEngine:
     @staticmethod
     def _report_evaluation(cohort: _Cohort, ev: Evaluation, x0: Tensor, report: PassReport) -> None:
         sigma = float(ev.sigma)
+        if cohort.size == len(cohort.keys) and len(set(cohort.groups)) == 1:  # the common case: one whole group
+            report.evaluated.append(CohortEvaluation(cohort.groups[0], tuple(cohort.keys), ev.step, ev.num_steps,
+                                                     sigma, ev.nfe + 1, ev.nfe_total, x0))
+            return
         for group in dict.fromkeys(cohort.groups[i] for i in cohort.live):
             rows = cohort.live_of(group)
             report.evaluated.append(CohortEvaluation(group, tuple(cohort.keys[i] for i in rows), ev.step,

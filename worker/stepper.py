@@ -186,9 +186,10 @@ class StepWorker(Worker):
         a job already running never keeps a newer one from being claimed (and sharing the rows it frees)."""
         cap = self.engine.max_pass_rows
         for model, table in self.tables.items():
+            running = table.rows_by_group()
             while True:
                 waiting = sum(min(len(f.todo), cap) for f in self.flights.values()
-                              if f.job.spec.model == model and not table.rows_of(f.id))
+                              if f.job.spec.model == model and f.id not in running)
                 room = table.free_rows - waiting
                 if room <= 0:
                     break
@@ -229,9 +230,10 @@ class StepWorker(Worker):
             waiting = [f for f in self.flights.values() if f.todo and f.job.spec.model == model and not f.failed]
             while waiting and table.free_rows:
                 free = table.free_rows
+                rows = table.rows_by_group()
                 by_settings: dict[SamplerSettings, list[tuple[Flight, list[int]]]] = {}
                 for flight in waiting:
-                    room = min(free, self.cohort_rows, cap - table.rows_of(flight.id))
+                    room = min(free, self.cohort_rows, cap - rows.get(flight.id, 0))
                     if room > 0:
                         by_settings.setdefault(flight.settings, []).append((flight, flight.todo[:room]))
                         free -= min(room, len(flight.todo))
