@@ -13,7 +13,8 @@ worker/queue.py). Beside RQ's keys, per job:
 
 and globally: edm:queued_nfe (NFE of queued jobs),
 edm:workers + edm:hb:{worker} (heartbeats), edm:claimed:{worker} (ids a worker holds),
-edm:cards (model cards published by workers), edm:idem:{owner}:{key} (Idempotency-Key).
+edm:cards (model cards published by workers), edm:idem:{owner}:{key} (Idempotency-Key),
+edm:loading:{model} (JSON: a worker downloading or loading that model, its progress; expires).
 
 This module holds the key layout and the terminal-state writes both sides use; the gateway's
 operations live in service/ledger.py, the worker's claim / heartbeat / reaper in worker/queue.py.
@@ -71,6 +72,10 @@ class Keys:
     @staticmethod
     def claimed(worker_id: str) -> str:
         return f"edm:claimed:{worker_id}"
+
+    @staticmethod
+    def loading(model: str) -> str:
+        return f"edm:loading:{model}"
 
     @staticmethod
     def heartbeat(worker_id: str) -> str:

@@ -228,7 +228,7 @@ def _download_once(url: str, part: Path, part_meta: Path, *, allow_http: bool, m
             progress(done, total)
         with open(part, mode) as f:
             while True:
-                chunk = resp.read(CHUNK)
+                chunk = resp.read1(CHUNK)  # what has arrived (up to CHUNK): progress as it comes
                 if not chunk:
                     break
                 done += len(chunk)

@@ -255,5 +255,12 @@ class Ledger:
         beats = self.conn.mget([Keys.heartbeat(w) for w in ids])
         return [WorkerInfo.model_validate_json(b) for b in beats if b]
 
+    def loading(self, models: list[str]) -> dict[str, dict[str, Any]]:
+        """What workers report about the models they are downloading or loading (contract/ledger.py)."""
+        if not models:
+            return {}
+        values = self.conn.mget([Keys.loading(model) for model in models])
+        return {model: json.loads(value) for model, value in zip(models, values, strict=True) if value}
+
     def published_cards(self) -> dict[str, dict[str, Any]]:
         return {text(k): json.loads(v) for k, v in self.conn.hgetall(Keys.CARDS).items()}

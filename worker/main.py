@@ -9,6 +9,7 @@ import os
 import secrets
 import socket
 import sys
+import time
 
 log = logging.getLogger("worker.main")
 
@@ -63,15 +64,34 @@ def run(settings) -> int:  # noqa: ANN001 - WorkerSettings, imported lazily abov
     import torch
 
     from contract.ledger import connect
-    from contract.models import catalog_card_json, configured_models
+    from contract.models import LogProgress, catalog_card_json, configured_models
     from worker.engine import Engine
     from worker.metrics import WorkerMetrics
     from worker.queue import WorkerQueue
     from worker.runner import Worker
     from worker.stepper import StepWorker
 
+    class DownloadReport(LogProgress):
+        """Download progress in the log and, at most once a second, for the gateway's readiness."""
+
+        def __init__(self, queue: WorkerQueue, name: str, url: str) -> None:
+            super().__init__(name, url)
+            self.queue, self.reported = queue, 0.0
+
+        def __call__(self, done: int, total: int | None) -> None:
+            super().__call__(done, total)
+            now = time.monotonic()
+            if now - self.reported >= 1.0 or done == total:
+                self.reported = now
+                self.queue.report_loading(self.name, {"phase": "downloading", "url": self.url, "bytes": done,
+                                                      "total_bytes": total})
+
     torch.set_num_threads(settings.torch_threads)
-    models = configured_models(settings)
+    conn = connect(settings.redis_url, settings.redis_timeout_s)
+    queue = WorkerQueue(conn, worker_id(settings.name), result_ttl_s=settings.result_ttl_s,
+                        failure_ttl_s=settings.failure_ttl_s, heartbeat_ttl_s=settings.heartbeat_ttl_s,
+                        max_reruns=settings.max_reruns)
+    models = configured_models(settings, progress=lambda name, source: DownloadReport(queue, name, source.url or ""))
     serve = settings.serve or list(models)
     unknown = [name for name in serve if name not in models]
     if unknown:
@@ -83,14 +103,12 @@ def run(settings) -> int:  # noqa: ANN001 - WorkerSettings, imported lazily abov
     engine = Engine(settings.device, settings.dtype, max_pass_rows=settings.max_pass_rows,
                     pass_sizes=settings.pass_sizes)
     for name in serve:
+        queue.report_loading(name, {"phase": "loading"}, ttl_s=300)
         served = engine.load(name, models[name], max_parameters=settings.max_parameters)
         metrics.load_seconds.labels(name).set(served.load_s)
-    conn = connect(settings.redis_url, settings.redis_timeout_s)
-    queue = WorkerQueue(conn, worker_id(settings.name), result_ttl_s=settings.result_ttl_s,
-                        failure_ttl_s=settings.failure_ttl_s, heartbeat_ttl_s=settings.heartbeat_ttl_s,
-                        max_reruns=settings.max_reruns)
     for name, served in engine.models.items():
         queue.publish_card(name, catalog_card_json(served.card))
+        queue.loaded(name)
     metrics.serve(settings.metrics_port)
     connect_again = lambda: connect(settings.redis_url, settings.redis_timeout_s)  # noqa: E731
     block_s = min(1.0, settings.redis_timeout_s / 2)

@@ -323,6 +323,21 @@ class WorkerQueue:
             pipe.sadd(Keys.WORKERS, self.id)
             pipe.execute()
 
+    def report_loading(self, model: str, state: dict[str, Any], ttl_s: float = 30.0) -> None:
+        """Tell readiness that this worker is downloading or loading `model` (best-effort: the gateway
+        only shows it). The key expires unless refreshed, so a worker that dies loading leaves nothing."""
+        value = json.dumps({**state, "worker": self.id, "updated_at": time.time()}, separators=(",", ":"))
+        try:
+            self.conn.set(Keys.loading(model), value, px=int(ttl_s * 1000))
+        except redis.RedisError as error:
+            log.warning("could not report loading progress: %s", error)
+
+    def loaded(self, model: str) -> None:
+        try:
+            self.conn.delete(Keys.loading(model))
+        except redis.RedisError as error:
+            log.warning("could not clear the loading report: %s", error)
+
     def stop_heartbeat(self) -> None:
         """Let the fleet see this worker as dead now (its reaper-run jobs go to other workers)."""
         self.conn.delete(Keys.heartbeat(self.id))

@@ -35,7 +35,8 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> dict[str, object]:
-    """Redis answers and every configured model has at least one live worker."""
+    """Redis answers and every configured model has at least one live worker. While a model has none,
+    the 503 says which worker is downloading or loading it, with its progress (`loading`)."""
     state = request.app.state
     return await _off_the_pool(request, lambda: readiness(state.ledger, state.catalog))
 
@@ -51,9 +52,21 @@ def readiness(ledger: Ledger | None, catalog: Catalog) -> dict[str, object]:
                 serving[name] += 1
     missing = [name for name, n in serving.items() if n == 0]
     if missing:
-        raise Problem(503, f"no live worker serves: {', '.join(missing)}", workers=serving,
-                      headers={"Retry-After": "2"})
+        loading = ledger.loading(missing)
+        detail = f"no live worker serves: {', '.join(missing)}"
+        if loading:
+            detail += "; loading: " + ", ".join(f"{name} ({_progress(state)})" for name, state in loading.items())
+        raise Problem(503, detail, workers=serving, loading=loading, headers={"Retry-After": "2"})
     return {"status": "ready", "workers": serving}
+
+
+def _progress(state: dict[str, object]) -> str:
+    """'downloading 42%' / 'downloading 1048576 bytes' / 'loading'."""
+    phase = str(state.get("phase", "loading"))
+    done, total = state.get("bytes"), state.get("total_bytes")
+    if isinstance(done, int) and isinstance(total, int) and total > 0:
+        return f"{phase} {100 * done // total}%"
+    return f"{phase} {done} bytes" if isinstance(done, int) else phase
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from model.images import decode_png
-from tests.integration.servers import RedisServer, spawn_worker, stack_env, start_gateway, wait_worker
+from tests.integration.servers import RedisServer, spawn_worker, stack_env, start_gateway, wait_until, wait_worker
 from tests.model import nvlabs_format as nv
 from tests.model.file_server import FileServer
 from tests.model.test_generate import TINY_KWARGS, tiny_net
@@ -70,4 +70,34 @@ def test_worker_downloads_once_and_then_starts_from_the_conversion(redis_server:
     assert listed["format"] == "nvlabs-pickle"
     for a, b in zip(first, direct, strict=True):
         np.testing.assert_array_equal(decode_png(a), decode_png(b))
+    conn.close()
+
+
+def test_readiness_reports_the_download_until_the_model_is_served(redis_server: RedisServer, tmp_path: Path) -> None:
+    blob = nv.snapshot_bytes(tiny_net(), TINY_KWARGS)
+    conn = redis_server.client()
+    conn.flushdb()
+    with FileServer({"/slow.pkl": blob}) as server:
+        server.delay_s = 0.1  # about 6 s for the file: long enough to watch
+        env = stack_env(redis_server.url, {}, EDM_MODELS=f"dl={server.url('/slow.pkl')}", EDM_ALLOW_HTTP="true",
+                        EDM_CACHE_DIR=str(tmp_path / "cache"))
+        gateway, url = start_gateway(env, tmp_path / "gateway.log")
+        worker = spawn_worker(env, tmp_path / "worker.log")
+        try:
+            seen = []
+
+            def downloading() -> bool:
+                body = httpx.get(f"{url}/readyz", timeout=5).json()
+                state = body.get("loading", {}).get("dl", {})
+                if state.get("phase") == "downloading":
+                    seen.append(state["bytes"])
+                return len(seen) >= 2 and seen[-1] > seen[0]
+            wait_until(downloading, 60, worker, interval_s=0.2)
+            assert "dl (downloading" in httpx.get(f"{url}/readyz", timeout=5).json()["detail"]
+            assert 0 <= seen[0] < seen[-1] <= len(blob)  # bytes so far, growing
+            wait_until(lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, 120, worker)
+            assert not conn.exists("edm:loading:dl")  # cleared once the model is served
+        finally:
+            gateway.stop()
+            worker.stop()
     conn.close()

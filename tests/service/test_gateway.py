@@ -273,6 +273,19 @@ def test_readyz_needs_a_worker_and_metrics_are_exposed(gateway: Start) -> None:
     assert 'edm_jobs_submitted_total{model="tiny"} 1.0' in text
 
 
+def test_readyz_shows_a_model_that_a_worker_is_downloading(gateway: Start, redis_conn: redis.Redis) -> None:
+    from worker.queue import WorkerQueue
+
+    client = gateway()
+    loader = WorkerQueue(redis_conn, "w-loading", result_ttl_s=60, failure_ttl_s=60, heartbeat_ttl_s=5, max_reruns=1)
+    loader.report_loading("tiny", {"phase": "downloading", "bytes": 300, "total_bytes": 1200}, ttl_s=5)
+    problem = assert_problem(client.get("/readyz"), 503)
+    assert "tiny (downloading 25%)" in problem["detail"]
+    assert problem["loading"]["tiny"]["worker"] == "w-loading" and problem["loading"]["tiny"]["bytes"] == 300
+    loader.loaded("tiny")
+    assert "loading" not in assert_problem(client.get("/readyz"), 503)["detail"]
+
+
 def test_random_seed_when_none_given(gateway: Start) -> None:
     client = gateway()
     seeds = {client.post("/v1/jobs", json={}).json()["seeds"][0] for _ in range(3)}
