@@ -184,7 +184,7 @@ class SlotEngine:
         return self.capacity - self.occupied
 
     def rows_of(self, group: Hashable) -> int:
-        return sum(len(cohort.live_of(group)) for cohort in self.cohorts)
+        return self.rows_by_group().get(group, 0)
 
     def rows_by_group(self) -> dict[Hashable, int]:
         """Occupied rows per group, in one walk of the table."""
@@ -271,7 +271,7 @@ class SlotEngine:
         if not chosen:
             return report
         try:
-            denoised = self._forward(chosen, report)
+            denoised = self._forward([(c, c.live) for c in chosen], report)
         except Exception:
             # Find the groups that fail on their own; they drop out, the others try again next pass.
             culprits = self._isolate(chosen)
@@ -310,33 +310,34 @@ class SlotEngine:
             report.evaluated.append(CohortEvaluation(group, tuple(cohort.keys[i] for i in rows), ev.step,
                                                      ev.num_steps, sigma, ev.nfe + 1, ev.nfe_total, x0[rows]))
 
-    def _forward(self, chosen: list[_Cohort], report: PassReport | None = None) -> list[Tensor]:
-        """D(x; sigma) of every chosen cohort's live rows in one network call of a fixed row count; the
-        rows of cancelled groups get D(x) = x (they are never used)."""
-        parts = [(c, c.live if c.size < len(c.keys) else None) for c in chosen]
-        xs = [c.pending.x if live is None else c.pending.x[live] for c, live in parts]
-        sigmas = [c.pending.sigma.reshape(1).expand(c.size) for c in chosen]
-        used = sum(c.size for c in chosen)
-        rows = self.pass_sizes.rows_for(used)
+    def _forward(self, parts: list[tuple[_Cohort, list[int]]], report: PassReport | None = None) -> list[Tensor]:
+        """D(x; sigma) of the given rows of each cohort in one network call of a fixed row count; a
+        cohort's other rows (cancelled groups) get D(x) = x (they are never used)."""
+        picks = [(c, None if len(rows) == len(c.keys) else rows) for c, rows in parts]  # None: every row
+        xs = [c.pending.x if sel is None else c.pending.x[sel] for c, sel in picks]
+        sizes = [len(rows) for _, rows in parts]
+        sigmas = [c.pending.sigma.reshape(1).expand(n) for (c, _), n in zip(parts, sizes, strict=True)]
+        used = sum(sizes)
+        padded = self.pass_sizes.rows_for(used)
         x, sigma = torch.cat(xs), torch.cat(sigmas)
         labels = None
-        if chosen[0].one_hot is not None:
-            labels = torch.cat([c.one_hot if live is None else c.one_hot[live] for c, live in parts])  # type: ignore[index,misc]
-        if rows > used:  # padding: copies of the last row; their outputs are dropped
-            pad = rows - used
+        if parts[0][0].one_hot is not None:
+            labels = torch.cat([c.one_hot if sel is None else c.one_hot[sel] for c, sel in picks])  # type: ignore[index,misc]
+        if padded > used:  # padding: copies of the last row; their outputs are dropped
+            pad = padded - used
             x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
             sigma = torch.cat([sigma, sigma[-1:].expand(pad)])
             labels = None if labels is None else torch.cat([labels, labels[-1:].expand(pad, *labels.shape[1:])])
         out = self.net(x, sigma, labels)[:used].to(torch.float64)
         if report is not None:
-            report.rows_used, report.rows_padded = used, rows - used
+            report.rows_used, report.rows_padded = used, padded - used
         denoised = []
-        for (cohort, live), part in zip(parts, out.split([c.size for c in chosen]), strict=True):
-            if live is None:
+        for (cohort, sel), part in zip(picks, out.split(sizes), strict=True):
+            if sel is None:
                 denoised.append(part)
             else:
                 full = cohort.pending.x.clone()
-                full[live] = part
+                full[sel] = part
                 denoised.append(full)
         return denoised
 
@@ -345,9 +346,9 @@ class SlotEngine:
         groups = list(dict.fromkeys(c.groups[i] for c in chosen for i in c.live))
         culprits: dict[Hashable, BaseException] = {}
         for group in groups:
-            alone = [_Subset(c, c.live_of(group)) for c in chosen if c.live_of(group)]
+            alone = [(c, c.live_of(group)) for c in chosen if c.live_of(group)]
             try:
-                self._forward(alone)  # type: ignore[arg-type]
+                self._forward(alone)
             except Exception as error:
                 culprits[group] = error
         return culprits if len(culprits) < len(groups) or len(groups) == 1 else {}
@@ -367,30 +368,6 @@ class SlotEngine:
             if cohort.groups[i] not in report.failed:
                 report.finished.append(FinishedImage(cohort.groups[i], cohort.keys[i], cohort.seeds[i],
                                                      cohort.labels[i], pixels[k]))
-
-
-@dataclass
-class _Subset:
-    """Some live rows of a cohort, evaluated on their own (to find which group a failure belongs to)."""
-
-    cohort: _Cohort
-    live: list[int]
-
-    @property
-    def pending(self) -> Evaluation:
-        return self.cohort.pending
-
-    @property
-    def one_hot(self) -> Tensor | None:
-        return self.cohort.one_hot
-
-    @property
-    def keys(self) -> list[Hashable]:
-        return self.cohort.keys
-
-    @property
-    def size(self) -> int:
-        return len(self.live)
 
 
 def draw_inputs(net: Any, streams: SeedStreams,

@@ -122,15 +122,14 @@ class Engine:
         spec = batch[0].job.spec
         settings = SamplerSettings(**spec.sampler.settings_kwargs())
         size = sum(piece.size for piece in batch)
-        table = SlotEngine(self.models[spec.model].net, capacity=size, max_pass_rows=self.max_pass_rows,
-                           pass_sizes=self.pass_sizes)
+        table = self.table(spec.model, size)
         slice_of: list[int] = []
         for k, piece in enumerate(batch):
             first = len(slice_of)
             slice_of += [k] * piece.size
             seeds = piece.job.spec.seeds[piece.start:piece.stop]
             labels = piece.job.spec.class_labels[piece.start:piece.stop]
-            for rows in cohorts_of(piece.size, self.pass_sizes.max_rows or piece.size):
+            for rows in cohorts_of(piece.size, table.max_pass_rows):
                 table.admit(k, [first + r for r in rows], [seeds[r] for r in rows], [labels[r] for r in rows],
                             settings)
         images: list[GeneratedImage | None] = [None] * size

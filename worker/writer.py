@@ -73,9 +73,6 @@ class Writer:
         with self._lock:
             return set(self._ending)
 
-    def backlog(self) -> int:
-        return self._tasks.qsize()
-
     def flush(self, timeout_s: float) -> bool:
         """Wait until every task handed over so far has run; False on timeout."""
         done = threading.Event()
