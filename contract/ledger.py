@@ -6,7 +6,8 @@ RQ's own worker never runs them: our worker claims ids from RQ's queue lists its
 worker/queue.py). Beside RQ's keys, per job:
 
     edm:job:{id}      hash: owner, model, images, nfe, qnfe (NFE still counted as queued),
-                      reruns, cancel, created/started/finished, progress fields, error, execution
+                      reruns, cancel, created/started/finished, progress fields, error, execution,
+                      claim + holder (fencing, below), event_bytes (contract/events.py)
     edm:png:{id}:{k}  PNG bytes of image k
     edm:images:{id}   hash: k -> ImageInfo JSON of each image stored so far (a rerun skips them)
     edm:done:{id}     list: one element pushed when the job reaches a terminal state
@@ -15,6 +16,13 @@ and globally: edm:queued_nfe (NFE of queued jobs),
 edm:workers + edm:hb:{worker} (heartbeats), edm:claimed:{worker} (ids a worker holds),
 edm:cards (model cards published by workers), edm:idem:{owner}:{key} (Idempotency-Key),
 edm:loading:{model} (JSON: a worker downloading or loading that model, its progress; expires).
+
+Fencing: `claim` is a counter that goes up by one whenever a job is claimed, given back to its
+queue (by its worker or by the reaper) or ends; a claim also sets `holder` (the worker id). A
+worker keeps the value its claim set, and every write it makes for the job (started mark,
+progress, events, PNGs, terminal state) is a script or transaction that checks that value in
+Redis first: a worker whose job was given to another (its heartbeat expired during a long pause
+or a partition) writes nothing more for it, and learns so from the refusal.
 
 This module holds the key layout and the terminal-state writes both sides use; the gateway's
 operations live in service/ledger.py, the worker's claim / heartbeat / reaper in worker/queue.py.
@@ -42,6 +50,8 @@ from rq.serializers import JSONSerializer
 from contract.jobs import JobResult, JobStatus
 
 JOB_FUNC = "worker.tasks.generate"  # what `rq info` shows; our worker runs it, never RQ's
+CLAIM = "claim"    # edm:job:{id} field: the claim generation (fencing token), see above
+HOLDER = "holder"  # edm:job:{id} field: the worker whose claim it is
 
 
 class Keys:
@@ -141,6 +151,8 @@ def finish(conn: redis.Redis, pipe: Any, outcomes: list[Outcome], *, result_ttl:
             _finish_rq_job(pipe, job, outcome, now, ttl, fields.get("error", ""), worker)
         job_id = outcome.job_id
         pipe.hset(Keys.job(job_id), mapping=fields)
+        pipe.hincrby(Keys.job(job_id), CLAIM, 1)  # ended: no claim holds it any more
+        pipe.hdel(Keys.job(job_id), HOLDER)
         for key in (Keys.job(job_id), Keys.rq_job(job_id), Keys.images(job_id)):
             pipe.expire(key, ttl)
         pipe.rpush(Keys.done(job_id), outcome.status.value)

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from contract.events import EVENT_STREAM_BYTES
+
 
 def split_list(value: Any) -> Any:
     if isinstance(value, str):
@@ -92,6 +94,10 @@ class WorkerSettings(CommonSettings):
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     heartbeat_ttl_s: float = Field(default=5.0, gt=0, description="a worker silent this long is dead")
     max_reruns: int = Field(default=2, ge=0, description="reruns after worker deaths before a job fails")
+    event_stream_bytes: int = Field(
+        default=EVENT_STREAM_BYTES, ge=64 << 10, description="bound of one job's event stream in Redis (bytes): "
+        "x0 previews stop at 3/4 of it, progress events at 7/8; started, image and terminal events always go "
+        "(contract/events.py)")
     torch_threads: int = Field(default=1, gt=0)
     name: str | None = Field(default=None, description="worker id prefix (default host name)")
 

@@ -90,7 +90,7 @@ def run(settings) -> int:  # noqa: ANN001 - WorkerSettings, imported lazily abov
     conn = connect(settings.redis_url, settings.redis_timeout_s)
     queue = WorkerQueue(conn, worker_id(settings.name), result_ttl_s=settings.result_ttl_s,
                         failure_ttl_s=settings.failure_ttl_s, heartbeat_ttl_s=settings.heartbeat_ttl_s,
-                        max_reruns=settings.max_reruns)
+                        max_reruns=settings.max_reruns, event_stream_bytes=settings.event_stream_bytes)
     models = configured_models(settings, progress=lambda name, source: DownloadReport(queue, name, source.url or ""))
     serve = settings.serve or list(models)
     unknown = [name for name in serve if name not in models]

@@ -9,13 +9,17 @@ PNG of each of the job's rows' x0 estimate when the job asked for previews.
 Those writes are best-effort: a Redis error skips them (logged, counted in edm_skipped_writes)
 rather than failing the batch. Cancellation still works meanwhile: the cancel channel's ids come
 from the listener thread, and the Redis flags are read again with the next report that succeeds.
+
+Jobs whose writes Redis refused (`lost`: another worker holds them now, see worker/queue.py) leave
+the batch like cancelled ones but are listed apart: they are neither stored nor ended here. A job
+whose previews no longer fit in its event stream's bound gets no more previews.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, TypeVar
 
 import redis
@@ -40,12 +44,17 @@ class Aborted(Exception):
 class BatchObserver:
     def __init__(self, batch: list[Slice], *, report: Callable[[dict[str, dict[str, Any]]], set[str]],
                  cancelled: Callable[[], set[str]], aborted: Callable[[], bool], metrics: WorkerMetrics,
-                 report_interval_s: float = 0.1, publish: Callable[[list[Published]], None] | None = None,
-                 previews: Callable[[list[str]], dict[str, int]] | None = None):
+                 report_interval_s: float = 0.1,
+                 publish: Callable[[list[Published]], Collection[str] | None] | None = None,
+                 previews: Callable[[list[str]], dict[str, int]] | None = None,
+                 lost: Callable[[], set[str]] = set):
         self.batch = batch
         self.row_slice = batch_rows(batch)
         self.first_row = [sum(piece.size for piece in batch[:k]) for k in range(len(batch))]
-        self.publish = publish          # appends events to the jobs' streams
+        self.publish = publish          # appends events to the jobs' streams; returns ids out of preview room
+        self.no_previews: set[str] = set()
+        self.lost = lost                # ids whose writes Redis refused (held by another worker now)
+        self.lost_ids: set[str] = set()  # of this batch's jobs: dropped, neither stored nor ended here
         self.previews = previews        # job id -> k (x0 previews every k-th evaluation; 0 none)
         self.preview_every: dict[str, int] = {}
         self.report = report            # writes progress, returns ids flagged for cancellation
@@ -78,7 +87,9 @@ class BatchObserver:
                     if every is not None:
                         self.preview_every = every
         ids = {self.batch[self.row_slice[row]].job.id for row in ev.rows}
-        newly = (flagged & ids) - self.dropped
+        lost = (self.lost() & ids) - self.dropped
+        self.lost_ids |= lost
+        newly = ((flagged & ids) - self.dropped) | lost
         self.dropped |= newly
         self.publish_frames(ev)
         return [row for row in ev.rows if self.batch[self.row_slice[row]].job.id in newly]
@@ -120,12 +131,13 @@ class BatchObserver:
             data = {"step": ev.step + 1, "num_steps": ev.num_steps, "sigma": ev.sigma, "nfe": ev.nfe,
                     "nfe_total": ev.nfe_total, "images_done": piece.start}
             frames: list[Frame] = []
-            every = self.preview_every.get(piece.job.id, 0)
+            every = 0 if piece.job.id in self.no_previews else self.preview_every.get(piece.job.id, 0)
             if every > 0 and (ev.nfe % every == 0 or ev.nfe == ev.nfe_total):
                 pixels = to_pixels(ev.x0[where])
                 frames = [Frame(piece.start + ev.rows[p] - self.first_row[k], encode_png(pixels[i]))
                           for i, p in enumerate(where)]
             events.append((piece.job.id, data, frames))
         if events:
-            self._best_effort("events", self.publish, events)
+            spent = self._best_effort("events", self.publish, events)
+            self.no_previews |= set(spent or ())
 

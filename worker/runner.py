@@ -3,6 +3,10 @@
 States: starting -> idle <-> busy -> draining -> stopped. The first SIGTERM/SIGINT drains (the
 running batch finishes, claimed work not started is given back, then exit); a second one aborts
 the batch and gives everything back.
+
+A job whose writes Redis refuses (its claim moved on: this worker's heartbeat expired, during a long
+pause or a partition, and the reaper gave the job to another worker) is dropped: it leaves the
+batch and `held`, and nothing more is written for it, not even a failure (see worker/queue.py).
 """
 
 from __future__ import annotations
@@ -158,6 +162,7 @@ class Worker:
 
     def step(self) -> None:
         self._write_pending()  # before anything else: those jobs are done, only Redis does not know yet
+        self._drop_lost()
         if not self.held:
             self._reconcile()
             self.held = self._wait_for_work()
@@ -193,6 +198,15 @@ class Worker:
             model = self.queue.model_of(job_id) if outcome == "failed" else None
             if model is not None:
                 self.metrics.jobs.labels(model, "failed").inc()
+
+    def _drop_lost(self) -> None:
+        """Forget the jobs whose writes Redis refused (logged there): another worker holds them now."""
+        lost = self.queue.take_lost()
+        if lost:
+            self.held = [job for job in self.held if job.id not in lost]
+            self.pending = [(job, outcome) for job, outcome in self.pending if job.id not in lost]
+            for job_id in lost:
+                self.cancels.discard(job_id)
 
     def _reconcile(self) -> None:
         """While nothing is held, our claimed list should be empty: ids in it that this process never
@@ -241,7 +255,8 @@ class Worker:
                 self.metrics.queue_wait.labels(model).observe(max(0.0, time.time() - piece.job.created_at))
         observer = BatchObserver(batch, report=self.queue.report, cancelled=self.cancels.snapshot,
                                  aborted=lambda: self.stop_requests > 1, metrics=self.metrics,
-                                 publish=self.queue.publish_progress, previews=self.queue.preview_every)
+                                 publish=self.queue.publish_progress, previews=self.queue.preview_every,
+                                 lost=self.queue.lost)
         size = sum(piece.size for piece in batch)
         self.state = State.busy
         self._set_busy(size)
@@ -268,7 +283,7 @@ class Worker:
         nfe = sum(piece.size for piece in batch if piece.job.id not in observer.dropped)
         nfe *= batch[0].job.spec.sampler.nfe_per_image
         self.nfe_per_s = nfe / elapsed if not self.nfe_per_s else 0.7 * self.nfe_per_s + 0.3 * nfe / elapsed
-        self._store(batch, images, observer.dropped, elapsed)
+        self._store(batch, images, observer.dropped, observer.lost_ids, elapsed)
 
     def _drop_unrunnable(self, batch: list[Slice]) -> list[Slice]:
         """End jobs cancelled before they ran, or that this worker cannot run."""
@@ -286,9 +301,10 @@ class Worker:
         self._end(ended)
         return keep
 
-    def _store(self, batch: list[Slice], images: list[GeneratedImage | None], dropped: set[str],
+    def _store(self, batch: list[Slice], images: list[GeneratedImage | None], dropped: set[str], lost: set[str],
                elapsed: float) -> None:
-        """PNGs of the batch in one round trip, then the jobs that are complete in one transaction."""
+        """PNGs of the batch in one round trip, then the jobs that are complete in one transaction; jobs
+        lost to another worker (before or at this write) are dropped."""
         pngs: list[tuple[str, int, bytes]] = []
         infos: dict[str, list[ImageInfo]] = {}
         row = 0
@@ -303,10 +319,14 @@ class Worker:
                 pngs.append((piece.job.id, k, data))
                 infos.setdefault(piece.job.id, []).append(
                     ImageInfo(index=k, seed=image.seed, class_label=image.class_label, metadata=text))
-        self.queue.store_pngs(pngs, [(job_id, info) for job_id, images in infos.items() for info in images])
+        lost = lost | self.queue.store_pngs(pngs, [(job_id, info) for job_id, images in infos.items()
+                                                   for info in images])
+        self.held = [job for job in self.held if job.id not in lost]
         ended = []
         for piece in batch:
             job = piece.job
+            if job.id in lost:
+                continue
             if job.id in dropped:
                 ended.append((job, Outcome(job.id, JobStatus.cancelled)))
                 continue

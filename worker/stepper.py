@@ -30,6 +30,10 @@ admitted, jobs with no image in a table go back to their queues at once, the ima
 finish, then partly done jobs go back (a rerun does only their missing images). A second signal
 gives everything back at once. A main loop that stops completing passes while it holds work for
 EDM_HANG_TIMEOUT_S stops heartbeating (its jobs are rerun elsewhere) and exits if it ever returns.
+
+A job whose writes Redis refuses (its claim moved on to another worker while this one was paused or
+cut off: worker/queue.py) leaves its rows at the next turn, neither failed nor given back. Once a
+job's x0 previews no longer fit in its event stream's bound, none are made for it.
 """
 
 from __future__ import annotations
@@ -163,6 +167,7 @@ class StepWorker(Worker):
 
     def step(self) -> None:
         self._write_pending()
+        self._drop_lost()
         self._cancel_flagged()
         draining = bool(self.stop_requests)
         if draining:
@@ -381,7 +386,15 @@ class StepWorker(Worker):
         ended = [(job, outcome()) for job, outcome in items]
         self._record_written(ended, self.queue.finish([outcome for _, outcome in ended]))
 
-    # cancellation and progress
+    # cancellation, lost jobs and progress
+
+    def _drop_lost(self) -> None:
+        """Jobs whose writes Redis refused (logged there) leave their rows: another worker holds them now."""
+        for job_id in self.queue.take_lost():
+            self.cancels.discard(job_id)
+            flight = self.flights.pop(job_id, None)
+            if flight is not None:
+                self.tables[flight.job.spec.model].cancel(job_id)
 
     def _cancel_flagged(self) -> None:
         flagged = (self.cancels.snapshot() | self._flagged) & set(self.flights)
@@ -409,7 +422,7 @@ class StepWorker(Worker):
                     flight.where.pop(cohort, None)
                 else:
                     flight.where[cohort] = (ev.step, ev.sigma, ev.nfe)
-                every = flight.previews_every
+                every = 0 if job_id in self.queue.spent else flight.previews_every
                 if every > 0 and (ev.nfe % every == 0 or ev.nfe == ev.nfe_total):
                     previews += [(key[1], ev.x0[i]) for i, key in enumerate(ev.keys)]  # type: ignore[index]
             step, sigma, nfe = min(flight.where.values(), default=None, key=lambda w: w[2]) or (
@@ -450,10 +463,10 @@ class StepWorker(Worker):
         """In the writer: progress fields into the job records; the cancellation flags (the pub/sub
         message may be lost) and, with the periodic report, the preview settings come back."""
         fields = {job_id: values for batch, _ in items for job_id, values in batch.items()}
-        self._flagged = self.queue.report(fields)
+        self._flagged, previews = self.queue.report_and_read(fields)
         flights = {job_id: flight for _, batch in items if batch for job_id, flight in batch.items()}
-        if flights:
-            for job_id, every in self.queue.preview_every(list(flights)).items():
+        for job_id, every in previews.items():
+            if job_id in flights:
                 flights[job_id].previews_every = every
 
     def _give_back_unstarted(self) -> None:

@@ -51,8 +51,8 @@ def claim_behind_its_back(worker: Worker, n: int = 1) -> list[str]:
     """Run the claim script without telling the worker: what a retried claim (its first reply lost
     to a timeout) or a claim whose load raised leaves in edm:claimed:{worker}."""
     queue = worker.queue
-    ids = queue._claim(keys=[Keys.queue(MODEL), queue.claimed_key, Keys.QUEUED_NFE], args=[n])
-    return [i.decode() for i in ids]
+    reply = queue._claim(keys=[Keys.queue(MODEL), queue.claimed_key, Keys.QUEUED_NFE], args=[n, queue.id])
+    return [i.decode() for i in reply[0::2]]  # (id, claim generation) pairs
 
 
 def queued(conn: redis.Redis) -> list[str]:
