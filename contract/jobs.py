@@ -11,9 +11,20 @@ import enum
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
+from model.card import ModelCard
 from model.choices import Discretization, Scaling, Schedule, Solver, nfe_per_image
+from model.numerics import (
+    RHO_HIGHEST,
+    RHO_LOWEST,
+    S_NOISE_HIGHEST,
+    SIGMA_HIGHEST,
+    SIGMA_LOWEST,
+    EffectiveSchedule,
+    NetworkRange,
+    check_schedule,
+)
 
 SEED_LIMIT = 1 << 32  # the reference seeds each generator with seed % 2**32; we refuse the aliases
 
@@ -24,18 +35,34 @@ class SamplerParams(BaseModel):
     None for sigma_min / sigma_max picks the discretization's default range; None for S_max means
     infinity (JSON has no infinity). solver, discretization, schedule and scaling all None select
     the EDM sampler (Algorithm 2); any of them set selects the generalised one (Algorithm 1).
+
+    Numbers, one rule per kind: an integer field takes a JSON integer only (18, not 18.0 or "18");
+    a number field takes a JSON integer or float (7 or 7.0), finite; neither takes a boolean or a
+    string. The bounds below are static (model/numerics.py); the gateway and the worker also
+    check the whole schedule these settings give on the model (check_schedule) and refuse what
+    float64 or the network's float32 could not compute.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    num_steps: int = Field(default=18, ge=2, description="noise levels N; NFE = 2N-1 (Heun) or N (Euler)")
-    sigma_min: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    sigma_max: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    rho: float = Field(default=7.0, gt=0, allow_inf_nan=False)
-    S_churn: float = Field(default=0.0, ge=0, allow_inf_nan=False)
-    S_min: float = Field(default=0.0, ge=0, allow_inf_nan=False)
-    S_max: float | None = Field(default=None, ge=0, allow_inf_nan=False, description="None = infinity")
-    S_noise: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    num_steps: StrictInt = Field(default=18, ge=2, description="integer: noise levels N; NFE = 2N-1 (Heun) or N "
+                                 "(Euler); the server's EDM_MAX_STEPS bounds it")
+    sigma_min: StrictFloat | None = Field(
+        default=None, ge=SIGMA_LOWEST, le=SIGMA_HIGHEST, allow_inf_nan=False,
+        description="number: lowest noise level; null = the discretization's default; clamped to the model's range")
+    sigma_max: StrictFloat | None = Field(
+        default=None, ge=SIGMA_LOWEST, le=SIGMA_HIGHEST, allow_inf_nan=False,
+        description="number: highest noise level; null = the discretization's default; clamped to the model's range")
+    rho: StrictFloat = Field(default=7.0, ge=RHO_LOWEST, le=RHO_HIGHEST, allow_inf_nan=False,
+                             description="number: exponent of the EDM time steps")
+    S_churn: StrictFloat = Field(default=0.0, ge=0, allow_inf_nan=False,
+                                 description="number: stochasticity; gamma = min(S_churn / N, sqrt(2) - 1)")
+    S_min: StrictFloat = Field(default=0.0, ge=0, allow_inf_nan=False,
+                               description="number: churn only at noise levels >= S_min")
+    S_max: StrictFloat | None = Field(default=None, ge=0, allow_inf_nan=False,
+                                      description="number: churn only at noise levels <= S_max; null = infinity")
+    S_noise: StrictFloat = Field(default=1.0, ge=0, le=S_NOISE_HIGHEST, allow_inf_nan=False,
+                                 description="number: scale of the noise churn adds")
     solver: Solver | None = None
     discretization: Discretization | None = None
     schedule: Schedule | None = None
@@ -45,6 +72,11 @@ class SamplerParams(BaseModel):
     def nfe_per_image(self) -> int:
         """Network evaluations per image: Heun's last step is a plain Euler step."""
         return nfe_per_image(self.num_steps, self.solver)
+
+    def schedule_on(self, card: ModelCard) -> EffectiveSchedule:
+        """The schedule these settings give on the model (model/numerics.py), computed in float64; raises
+        SettingsError naming the setting when the sampler could not compute it. Gateway and worker both ask."""
+        return check_schedule(NetworkRange.of(card), **self.settings_kwargs())
 
     def settings_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for model.generate.SamplerSettings (S_max None -> inf)."""

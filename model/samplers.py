@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from model.choices import DISCRETIZATIONS, SCALINGS, SCHEDULES, SOLVERS, nfe_per_image
+from model.numerics import ALPHA, EDM_SIGMA_RANGE, EPSILON_S, IDDPM_C_1, IDDPM_C_2, IDDPM_M
 from model.schedules import (
     default_sigma_range,
     edm_time_steps,
@@ -71,11 +72,11 @@ class SamplerSettings:
     discretization: str | None = None
     schedule: str | None = None
     scaling: str | None = None
-    epsilon_s: float = 1e-3
-    C_1: float = 0.001
-    C_2: float = 0.008
-    M: int = 1000
-    alpha: float = 1.0
+    epsilon_s: float = EPSILON_S
+    C_1: float = IDDPM_C_1
+    C_2: float = IDDPM_C_2
+    M: int = IDDPM_M
+    alpha: float = ALPHA
 
     @property
     def uses_ablation(self) -> bool:
@@ -247,8 +248,9 @@ def sampler_steps(net: Denoiser, latents: Tensor, randn_like: RandnLike,
     churn = dict(S_churn=st.S_churn, S_min=st.S_min, S_max=st.S_max, S_noise=st.S_noise)
     if not st.uses_ablation:
         return edm_sampler(net, latents, randn_like, num_steps=st.num_steps,
-                           sigma_min=0.002 if st.sigma_min is None else st.sigma_min,
-                           sigma_max=80 if st.sigma_max is None else st.sigma_max, rho=st.rho, **churn)
+                           sigma_min=EDM_SIGMA_RANGE[0] if st.sigma_min is None else st.sigma_min,
+                           sigma_max=EDM_SIGMA_RANGE[1] if st.sigma_max is None else st.sigma_max, rho=st.rho,
+                           **churn)
     return ablation_sampler(
         net, latents, randn_like, num_steps=st.num_steps, sigma_min=st.sigma_min, sigma_max=st.sigma_max,
         rho=st.rho, solver=st.solver or "heun", discretization=st.discretization or "edm",

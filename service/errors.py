@@ -45,6 +45,20 @@ def invalid(field: str, detail: str) -> Problem:
                    errors=[{"field": field, "message": detail}])
 
 
+def shown(value: object, limit: int = 64) -> str:
+    """repr(value) cut to about `limit` characters: what an error message may echo of a client's input."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's int-string limit
+        return f"an integer of {value.bit_length()} bits" if isinstance(value, int) else "a value"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def bounded(text: str, limit: int = 200) -> str:
+    """A message or field name cut to about `limit` characters (a client's long key or value in it)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def internal_error() -> Problem:
     """500 for an error no handler foresaw; the details stay in the log (the request id finds them)."""
     return Problem(500, "an unexpected error occurred; the request id identifies it in the gateway's logs",
@@ -88,7 +102,7 @@ def install(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = []
         for e in exc.errors():
-            entry = {"field": field_path(tuple(e["loc"])), "message": e["msg"]}
+            entry = {"field": bounded(field_path(tuple(e["loc"]))), "message": bounded(e["msg"])}
             if entry not in errors:  # a union reports once per member
                 errors.append(entry)
         first = errors[0] if errors else {"field": "body", "message": "invalid request"}

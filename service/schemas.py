@@ -4,11 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from fastapi import Path
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from contract.jobs import SEED_LIMIT, JobStatus, Progress, SamplerParams
 
 Seed = Annotated[StrictInt, Field(ge=0, lt=SEED_LIMIT)]
+ClassName = Annotated[StrictStr, Field(min_length=1, max_length=256)]
+
+# Path parameters, in their one canonical form (anything else is a 422 naming the parameter).
+JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{24}$"  # contract/ledger.new_job_id: 18 random bytes, URL-safe base64
+JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="a job id as the API returned it (24 characters)")]
+ImageIndex = Annotated[str, Path(pattern=r"^(0|[1-9][0-9]{0,8})$", examples=["0"],
+                                 description="an image's index in its job, in decimal without sign or leading zeros")]
 
 
 class GenerateRequest(SamplerParams):
@@ -17,15 +25,22 @@ class GenerateRequest(SamplerParams):
     Seeds: `seeds` (a list), or `count` (+ `start`, default 0) for seeds start..start+count-1;
     neither: one image from a random seed (reported back). class_label: an index or a class
     name from the model card; omitted = drawn per seed from the seed's generator.
+
+    Numbers follow SamplerParams' rule: integer fields (seeds, count, start, num_steps, an index
+    class_label) take JSON integers only; number fields take integers or floats; booleans and
+    strings are not numbers.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str | None = Field(default=None, description="model name; default: the server's default model")
-    class_label: StrictInt | str | None = None
-    seeds: list[Seed] | None = Field(default=None, min_length=1)
-    count: int | None = Field(default=None, ge=1)
-    start: Seed | None = None
+    model: str | None = Field(default=None, max_length=256,
+                              description="model name; default: the server's default model")
+    class_label: StrictInt | ClassName | None = Field(
+        default=None, description="integer: a class index; string: a class name from the model card, or an index "
+        "in decimal digits; omitted = drawn per seed")
+    seeds: list[Seed] | None = Field(default=None, min_length=1, description="integers in 0..2^32-1")
+    count: StrictInt | None = Field(default=None, ge=1, description="integer: seeds start..start+count-1")
+    start: Seed | None = Field(default=None, description="integer: the first seed (with count; alone: one image)")
 
     def sampler(self) -> SamplerParams:
         return SamplerParams.model_validate(self.model_dump(include=set(SamplerParams.model_fields)))

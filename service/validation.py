@@ -2,11 +2,15 @@
 
 Every refusal is a 422 problem naming the field, except an unknown model (404, raised by the
 caller, which knows the catalog). Sampler settings a request omits take the model card's
-`recommended` values when it has them (the reference's defaults otherwise).
+`recommended` values when it has them (the reference's defaults otherwise). The sampler settings
+are checked as a whole: the schedule they give on the model is computed in float64
+(model/numerics.py, the worker computes the same) and refused when the sampler could not compute it.
+Values echoed in a refusal are cut to a bounded length.
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Callable
 
@@ -14,8 +18,26 @@ from pydantic import ValidationError
 
 from contract.jobs import SEED_LIMIT, JobSpec
 from model.card import ModelCard
-from service.errors import invalid
+from model.numerics import SettingsError
+from service.errors import invalid, shown
 from service.schemas import GenerateRequest
+
+IDEMPOTENCY_KEY_MAX = 255
+# Visible ASCII, spaces inside only: what an HTTP header and gRPC metadata both carry unchanged.
+IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$"
+_CANONICAL_INDEX = re.compile(r"(0|[1-9][0-9]*)")
+
+
+def check_idempotency_key(value: str | None) -> str | None:
+    """An Idempotency-Key as given (None: no key); empty, too long or not visible ASCII is a 422 naming the
+    header. The REST dependency (service/deps.py) declares the same rule; gRPC metadata calls this."""
+    if value is None:
+        return None
+    if not value:
+        raise invalid("Idempotency-Key", "must not be empty (omit the header for no key)")
+    if len(value) > IDEMPOTENCY_KEY_MAX or not re.fullmatch(IDEMPOTENCY_KEY_PATTERN, value):
+        raise invalid("Idempotency-Key", f"must be 1 to {IDEMPOTENCY_KEY_MAX} visible ASCII characters")
+    return value
 
 
 def random_seed() -> int:
@@ -52,13 +74,15 @@ def resolve_class(value: int | str | None, card: ModelCard) -> int | None:
         names = card.class_names or []
         if value in names:
             return names.index(value)
-        if not (value.strip().isascii() and value.strip().isdigit()):  # "²".isdigit() is True; int() refuses it
-            shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
-            raise invalid("class_label", f"unknown class {value!r}; expected an index or one of: {shown}"
-                          if names else f"{value!r} is not a class index")
+        if not _CANONICAL_INDEX.fullmatch(value):  # ASCII digits only: "²".isdigit() is True, int() refuses it
+            listed = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+            raise invalid("class_label", f"unknown class {shown(value)}; expected an index or one of: {listed}"
+                          if names else f"{shown(value)} is not a class index")
+        if len(value) > len(str(card.label_dim)):  # out of range, and never int() of thousands of digits
+            raise invalid("class_label", f"{shown(value)} is outside 0..{card.label_dim - 1}")
         value = int(value)
     if not 0 <= value < card.label_dim:
-        raise invalid("class_label", f"{value} is outside 0..{card.label_dim - 1}")
+        raise invalid("class_label", f"{shown(value)} is outside 0..{card.label_dim - 1}")
     return value
 
 
@@ -73,6 +97,10 @@ def check_sampler(req: GenerateRequest, card: ModelCard, max_steps: int) -> None
         raise invalid("sigma_max", f"must be above the model's lowest noise level {card.sigma_min}")
     if req.S_max is not None and req.S_max < req.S_min:
         raise invalid("S_max", f"must be >= S_min ({req.S_min})")
+    try:
+        req.sampler().schedule_on(card)
+    except SettingsError as error:
+        raise invalid(error.field, error.message) from None
 
 
 def with_recommended(req: GenerateRequest, card: ModelCard) -> GenerateRequest:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TORCH_FREE_MODEL = {"model.choices", "model.card", "model.download", "model.sources", "model.catalogue"}
+TORCH_FREE_MODEL = {"model.choices", "model.card", "model.download", "model.sources", "model.catalogue",
+                    "model.numerics"}
 
 
 def imports_of(package: str) -> dict[str, set[str]]:

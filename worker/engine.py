@@ -102,12 +102,13 @@ class Engine:
                           pass_sizes=self.pass_sizes)
 
     def check(self, spec: JobSpec) -> str | None:
-        """Why this job cannot run here (the gateway checks the same), or None."""
+        """Why this job cannot run here (the gateway checks the same, schedule included), or None."""
         model = self.models.get(spec.model)
         if model is None:
             return f"model {spec.model!r} is not loaded on this worker"
         try:
             SamplerSettings(**spec.sampler.settings_kwargs()).validate()
+            spec.sampler.schedule_on(model.card)  # SettingsError: what float64 or float32 could not compute
         except (TypeError, ValueError) as error:
             return str(error)
         for label in spec.class_labels:
