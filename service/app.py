@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from contract.ledger import connect
 from contract.version import software_version
-from service import errors
+from service import errors, openapi
 from service.auth import key_hash
 from service.catalog import Catalog
 from service.ledger import Ledger
@@ -69,6 +69,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.key_hashes = frozenset(key_hash(k) for k in settings.api_keys)
     app.state.metrics = GatewayMetrics(lambda: app.state.ledger, list(catalog.models))
     errors.install(app)
+    openapi.install(app, settings)
     for module in (generate, jobs, events, models, health, ui):
         app.include_router(module.router)
     app.add_middleware(RequestContext, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes)
