@@ -9,6 +9,7 @@ URLs (previews and downloads), and no inline script.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -50,9 +51,14 @@ def page() -> FileResponse:
     return _file("index.html")
 
 
-@router.get("/ui/{name}", response_class=FileResponse, include_in_schema=False)
-def static_file(name: str) -> FileResponse:
-    return _file(name)
+def _static(name: str) -> Callable[[], FileResponse]:
+    return lambda: _file(name)
+
+
+# One route per file, so that /ui/jobs is POST's alone: another method there gets 405 with `Allow: POST`.
+for _name in FILES:
+    router.add_api_route(f"/ui/{_name}", _static(_name), methods=["GET"], response_class=FileResponse,
+                         include_in_schema=False, name=f"static:{_name}")
 
 
 @router.post("/ui/jobs", status_code=202, response_model=JobView)
