@@ -200,6 +200,27 @@ def container_ports(service: dict[str, Any]) -> set[int]:
     return out
 
 
+def redis_flags(args: list[str]) -> dict[str, str]:
+    """`redis-server --name value ...` as {"--name": "value"}."""
+    assert args[0] == "redis-server" and len(args) % 2 == 1, args
+    return dict(zip(args[1::2], args[2::2], strict=True))
+
+
+def memory_bytes(value: str | int, units: dict[str, int]) -> int:
+    """'2gb', '3g', '3Gi' in bytes, with the unit table of the tool that reads it (below)."""
+    number, unit = re.fullmatch(r"(\d+)\s*([A-Za-z]*)", str(value)).groups()  # type: ignore[union-attr]
+    return int(number) * units[unit]
+
+
+# Redis (redis.conf): k/m/g are powers of 1000, kb/mb/gb of 1024 (any case). Docker: b/k/m/g of 1024.
+# Kubernetes: Ki/Mi/Gi of 1024, k/M/G of 1000.
+REDIS_UNITS = {u: m for unit, m in {"": 1, "k": 10**3, "kb": 2**10, "m": 10**6, "mb": 2**20, "g": 10**9,
+                                    "gb": 2**30}.items() for u in (unit, unit.upper())}
+DOCKER_UNITS = {u: m for unit, m in {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}.items()
+                for u in (unit, unit.upper())}
+K8S_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+
+
 def compose_schema() -> dict[str, Any]:
     require_module("check_jsonschema", "check-jsonschema")
     import json

@@ -18,6 +18,8 @@ from tests.deploy.helpers import (
     COMPOSE,
     COMPOSE_CPU,
     DEPLOY,
+    DOCKER_UNITS,
+    REDIS_UNITS,
     ROOT,
     compose_environment,
     compose_model,
@@ -25,6 +27,8 @@ from tests.deploy.helpers import (
     container_ports,
     env_value,
     load_yaml,
+    memory_bytes,
+    redis_flags,
     schema_errors,
     untag,
 )
@@ -120,12 +124,25 @@ def test_services_wait_for_healthy_dependencies(gpu: dict[str, Any]) -> None:
     assert all("healthcheck" in service for service in services.values())
 
 
-def test_redis_persists_with_append_only_file(gpu: dict[str, Any]) -> None:
-    redis = gpu["services"]["redis"]
-    command = redis["command"]
-    assert command[command.index("--appendonly") + 1] == "yes"
-    assert any(str(v).split(":")[1] == "/data" for v in redis["volumes"])
-    assert str(redis["volumes"][0]).split(":")[0] in gpu["volumes"]
+def test_redis_persists_with_append_only_file(gpu: dict[str, Any], cpu: dict[str, Any]) -> None:
+    for model in (gpu, cpu):
+        redis = model["services"]["redis"]
+        flags = redis_flags(redis["command"])
+        assert flags["--appendonly"] == "yes" and flags["--appendfsync"] == "everysec"
+        [volume] = [str(v) for v in redis["volumes"] if str(v).split(":")[1] == flags["--dir"]]
+        assert volume.split(":")[0] in model["volumes"], "the append-only file must be on a named volume"
+
+
+def test_redis_memory_is_bounded_and_never_evicts_jobs(gpu: dict[str, Any], cpu: dict[str, Any]) -> None:
+    """maxmemory with noeviction (a full Redis refuses writes; it never drops a job or a result), inside a
+    container memory limit with room for the fork that rewrites the append-only file."""
+    for model in (gpu, cpu):
+        redis = model["services"]["redis"]
+        flags = redis_flags(redis["command"])
+        assert flags["--maxmemory-policy"] == "noeviction"
+        maxmemory = memory_bytes(flags["--maxmemory"], REDIS_UNITS)
+        limit = memory_bytes(redis["deploy"]["resources"]["limits"]["memory"], DOCKER_UNITS)
+        assert 1 << 30 <= maxmemory and maxmemory * 1.4 <= limit, (maxmemory, limit)
 
 
 def test_gateway_publishes_rest_and_grpc(gpu: dict[str, Any]) -> None:

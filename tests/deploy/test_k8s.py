@@ -12,11 +12,15 @@ import pytest
 from tests.deploy.helpers import (
     COMPOSE,
     K8S,
+    K8S_UNITS,
+    REDIS_UNITS,
     compose_environment,
     compose_model,
     container_ports,
     load_all_yaml,
     load_yaml,
+    memory_bytes,
+    redis_flags,
     require_binary,
 )
 
@@ -147,3 +151,19 @@ def test_keda_scales_the_worker_on_the_rq_queue_list(docs: list[dict[str, Any]])
     host = f"redis.{redis['metadata']['namespace']}.svc.cluster.local"
     assert meta["address"] == f"{host}:{redis['spec']['ports'][0]['port']}"
     assert all(isinstance(v, str) for v in meta.values()), "KEDA metadata values must be strings"
+
+
+def test_redis_is_durable_and_bounded_inside_its_pod(docs: list[dict[str, Any]]) -> None:
+    """Append-only file on the PVC, noeviction under maxmemory, a memory limit with room for the
+    rewrite's fork (requested in full), and a volume for the file and its rewrite."""
+    redis = container(docs, "StatefulSet", "redis")
+    flags = redis_flags(redis["args"])
+    assert flags["--appendonly"] == "yes" and flags["--maxmemory-policy"] == "noeviction"
+    maxmemory = memory_bytes(flags["--maxmemory"], REDIS_UNITS)
+    resources = redis["resources"]
+    limit = memory_bytes(resources["limits"]["memory"], K8S_UNITS)
+    assert maxmemory * 1.4 <= limit == memory_bytes(resources["requests"]["memory"], K8S_UNITS)
+    [mount] = [m for m in redis["volumeMounts"] if m["mountPath"] == flags["--dir"]]
+    [claim] = [c for c in find(docs, "StatefulSet", "redis")["spec"]["volumeClaimTemplates"]
+               if c["metadata"]["name"] == mount["name"]]
+    assert memory_bytes(claim["spec"]["resources"]["requests"]["storage"], K8S_UNITS) >= 3 * maxmemory
