@@ -18,8 +18,10 @@ run:
 	$(BIN)/edm-serve up
 
 # The deploy tests need promtool/prometheus (Debian) and schema checkers (PyPI): installed once, idempotent.
+# A venv made before the test extra gained schemathesis and hypothesis gets them here.
 test-tools:
 	VENV=$(VENV) bash deploy/ci-install.sh
+	$(BIN)/python -c "import schemathesis, hypothesis" 2>/dev/null || $(BIN)/pip install --quiet -e '.[test]'
 
 test: test-tools
 	$(BIN)/python -m pytest
