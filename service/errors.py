@@ -70,7 +70,7 @@ def problem_response(problem: Problem, request: Request | None = None) -> JSONRe
                             "detail": problem.detail}
     if problem.field is not None:
         body["field"] = problem.field
-    if request is not None:
+    if request is not None and len(request.url.path) <= 512:  # a longer path is not echoed back
         body["instance"] = request.url.path
     if logs.request_id.get():
         body["request_id"] = logs.request_id.get()

@@ -12,9 +12,11 @@ from contract.jobs import SEED_LIMIT, JobStatus, Progress, SamplerParams
 Seed = Annotated[StrictInt, Field(ge=0, lt=SEED_LIMIT)]
 ClassName = Annotated[StrictStr, Field(min_length=1, max_length=256)]
 
-# Path parameters, in their one canonical form (anything else is a 422 naming the parameter).
+# Path parameters, in their one canonical form. A job id of another form names no job: 404, answered
+# without a lookup (routes call `known_job_id`); an image index of another form is a 422.
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{24}$"  # contract/ledger.new_job_id: 18 random bytes, URL-safe base64
-JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="a job id as the API returned it (24 characters)")]
+JobId = Annotated[str, Path(description="a job id as the API returned it (24 characters: letters, digits, '-', "
+                                        "'_'); any other form is a 404", json_schema_extra={"pattern": JOB_ID_PATTERN})]
 ImageIndex = Annotated[str, Path(pattern=r"^(0|[1-9][0-9]{0,8})$", examples=["0"],
                                  description="an image's index in its job, in decimal without sign or leading zeros")]
 

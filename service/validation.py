@@ -19,13 +19,20 @@ from pydantic import ValidationError
 from contract.jobs import SEED_LIMIT, JobSpec
 from model.card import ModelCard
 from model.numerics import SettingsError
-from service.errors import invalid, shown
-from service.schemas import GenerateRequest
+from service.errors import Problem, invalid, shown
+from service.schemas import JOB_ID_PATTERN, GenerateRequest
 
 IDEMPOTENCY_KEY_MAX = 255
 # Visible ASCII, spaces inside only: what an HTTP header and gRPC metadata both carry unchanged.
 IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$"
 _CANONICAL_INDEX = re.compile(r"(0|[1-9][0-9]*)")
+
+
+def known_job_id(job_id: str) -> str:
+    """A job id in the form the API hands out; any other form names no job (404, with no lookup)."""
+    if not re.fullmatch(JOB_ID_PATTERN, job_id):
+        raise Problem(404, f"no job {shown(job_id)}")
+    return job_id
 
 
 def check_idempotency_key(value: str | None) -> str | None:

@@ -9,7 +9,8 @@ from contract.jobs import JobStatus
 from service.deps import CatalogDep, IdempotencyKeyDep, LedgerDep, MetricsDep, OwnerDep, SettingsDep
 from service.errors import Problem
 from service.jobs import admit, job_url, job_view, resolve_request, visible_record
-from service.schemas import GenerateRequest, JobView
+from service.schemas import GenerateRequest, ImageIndex, JobId, JobView
+from service.validation import known_job_id
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -37,28 +38,29 @@ def queue_job(body: GenerateRequest, settings: SettingsDep, ledger: LedgerDep, c
 
 
 @router.get("/{job_id}", response_model=JobView)
-def get_job(job_id: str, ledger: LedgerDep, owner: OwnerDep) -> JobView:
-    return job_view(visible_record(ledger, job_id, owner))
+def get_job(job_id: JobId, ledger: LedgerDep, owner: OwnerDep) -> JobView:
+    return job_view(visible_record(ledger, known_job_id(job_id), owner))
 
 
 @router.get("/{job_id}/images/{index}.png", response_class=Response,
             responses={200: {"content": {"image/png": {}}}})
-def get_image(job_id: str, index: int, ledger: LedgerDep, owner: OwnerDep) -> Response:
-    record = visible_record(ledger, job_id, owner)
+def get_image(job_id: JobId, index: ImageIndex, ledger: LedgerDep, owner: OwnerDep) -> Response:
+    k = int(index)  # canonical decimal (the path's pattern): "1_0", "+1", "01" never get here
+    record = visible_record(ledger, known_job_id(job_id), owner)
     if record.status is not JobStatus.succeeded:
         raise Problem(409, f"job {job_id} is {record.status.value}; images exist once it has succeeded")
-    data = ledger.png(job_id, index) if 0 <= index < record.spec.num_images else None
+    data = ledger.png(job_id, k) if k < record.spec.num_images else None
     if data is None:
-        raise Problem(404, f"job {job_id} has no image {index}")
-    image = record.result.images[index] if record.result else None
+        raise Problem(404, f"job {job_id} has no image {k}")
+    image = record.result.images[k] if record.result else None
     headers = {} if image is None else {"X-Seed": str(image.seed), "X-Class-Label": str(image.class_label)}
     return Response(data, media_type="image/png", headers=headers)
 
 
 @router.post("/{job_id}/cancel", response_model=JobView)
-def cancel_job(job_id: str, ledger: LedgerDep, metrics: MetricsDep, owner: OwnerDep) -> JobView:
+def cancel_job(job_id: JobId, ledger: LedgerDep, metrics: MetricsDep, owner: OwnerDep) -> JobView:
     """Queued: cancelled at once. Running: stops at its next network evaluation (poll for it)."""
-    record = visible_record(ledger, job_id, owner)
+    record = visible_record(ledger, known_job_id(job_id), owner)
     if record.status in (JobStatus.succeeded, JobStatus.failed):
         raise Problem(409, f"job {job_id} already {record.status.value}")
     if ledger.cancel(job_id) is JobStatus.cancelled and record.status is JobStatus.queued:

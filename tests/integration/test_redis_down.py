@@ -20,7 +20,7 @@ def test_gateway_503_while_redis_is_down_then_recovers(tiny_model: Path, tmp_pat
     try:
         assert client.post("/v1/jobs", json={"seeds": [1]}).status_code == 202
         server.stop()
-        for method, path in (("POST", "/v1/jobs"), ("POST", "/v1/generate"), ("GET", "/v1/jobs/abc"),
+        for method, path in (("POST", "/v1/jobs"), ("POST", "/v1/generate"), ("GET", "/v1/jobs/" + "a" * 24),
                              ("GET", "/readyz")):
             started = time.monotonic()
             response = client.request(method, path, json={"seeds": [1]} if method == "POST" else None)
