@@ -90,7 +90,7 @@ def _job_links(job_id: str) -> dict[str, dict[str, Any]]:
         "CancelJob": {"operationId": "cancelJob", "parameters": {"job_id": job_id}},
         "GetJobEvents": {"operationId": "getJobEvents", "parameters": {"job_id": job_id},
                          "description": "the job's events as Server-Sent Events"},
-        "GetJobImage": {"operationId": "getJobImage", "parameters": {"job_id": job_id, "index": 0},
+        "GetJobImage": {"operationId": "getJobImage", "parameters": {"job_id": job_id, "index": "0"},
                         "description": "its first image (409 until the job has succeeded)"},
     }
 
@@ -137,7 +137,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/v1/jobs/{job_id}"): Operation("getJob", {
         200: Answer("the job: status, queue position, progress, timings, images", schema="JobView",
                     links={"GetJobImage": {"operationId": "getJobImage",
-                                           "parameters": {"job_id": "$response.body#/id", "index": 0}}}),
+                                           "parameters": {"job_id": "$response.body#/id", "index": "0"}}}),
         404: NO_JOB, 503: STORE_DOWN, **EVERY_ROUTE,
     }),
     ("GET", "/v1/jobs/{job_id}/images/{index}.png"): Operation("getJobImage", {
