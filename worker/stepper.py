@@ -337,7 +337,7 @@ class StepWorker(Worker):
                 self._succeed(flight)
 
     def _write_images(self, items: list[tuple[Flight, list[tuple[int, GeneratedImage]]]]) -> None:
-        """In the writer: PNGs with metadata, then every job's images in one transaction."""
+        """In the writer: PNGs with metadata, then every job's images in one script call (atomic, fenced)."""
         stores = []
         for flight, images in items:
             encoded = []
