@@ -11,6 +11,7 @@ from service.catalog import Catalog
 from service.ledger import Ledger
 from service.metrics import GatewayMetrics
 from service.settings import GatewaySettings
+from service.validation import IDEMPOTENCY_KEY_MAX, IDEMPOTENCY_KEY_PATTERN
 
 
 def get_settings(request: Request) -> GatewaySettings:
@@ -34,4 +35,7 @@ LedgerDep = Annotated[Ledger, Depends(get_ledger)]
 CatalogDep = Annotated[Catalog, Depends(get_catalog)]
 MetricsDep = Annotated[GatewayMetrics, Depends(get_metrics)]
 OwnerDep = Annotated[str, Depends(owner_of_request)]
-IdempotencyKeyDep = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
+# One rule with gRPC metadata (service/validation.py check_idempotency_key): empty or odd keys are 422s.
+IdempotencyKeyDep = Annotated[str | None, Header(
+    alias="Idempotency-Key", min_length=1, max_length=IDEMPOTENCY_KEY_MAX, pattern=IDEMPOTENCY_KEY_PATTERN,
+    description="1 to 255 visible ASCII characters: the same key and body return the job it first made")]

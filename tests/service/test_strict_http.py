@@ -40,6 +40,14 @@ def test_integers_are_numbers_where_a_number_is_asked(gateway: Start) -> None:  
     assert response.status_code == 202, response.text
 
 
+def test_an_empty_idempotency_key_is_refused(gateway: Start) -> None:  # noqa: F811
+    client = gateway()
+    for key in ("", "x" * 256):
+        assert_problem(client.post("/v1/jobs", json={"seeds": [1]}, headers={"Idempotency-Key": key}), 422,
+                       "Idempotency-Key")
+    assert client.post("/v1/jobs", json={"seeds": [1]}, headers={"Idempotency-Key": "k-1"}).status_code == 202
+
+
 def test_path_parameters_have_one_form(gateway: Start) -> None:  # noqa: F811
     client = gateway()
     job_id = client.post("/v1/jobs", json={"seeds": [1, 2]}).json()["id"]
