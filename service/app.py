@@ -5,37 +5,39 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Protocol
 
 import anyio.to_thread
+import redis
 from fastapi import FastAPI
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from contract.ledger import connect
 from contract.version import software_version
 from service import errors, openapi
 from service.auth import key_hash
+from service.capacity import Capacity
 from service.catalog import Catalog
+from service.deps import blocking
+from service.events import EventHub
 from service.ledger import Ledger
 from service.metrics import GatewayMetrics
 from service.middleware import RequestContext
+from service.readiness import ReadinessMonitor
 from service.routes import events, generate, health, jobs, models, ui
 from service.settings import GatewaySettings
 
 log = logging.getLogger("service.app")
 
 
-class Server(Protocol):
-    def stop(self) -> None: ...
-
-
-def start_side_servers(app: FastAPI) -> list[Server]:
-    """Servers that live as long as the app: the gRPC server when EDM_GRPC_PORT is set. It reads
-    app.state (settings, ledger, catalog, metrics) like the REST routes."""
-    if app.state.settings.grpc_port is None:
-        return []
-    from service.grpc.server import start  # grpc is imported only by a gateway that serves it
-
-    return [start(app.state)]
+def gateway_connection(settings: GatewaySettings) -> redis.Redis:
+    """The pool of the routes' short Redis work: at most redis_max_connections, and a request that
+    finds none free waits for one (up to redis_timeout_s) rather than failing as if Redis were down."""
+    timeout = settings.redis_timeout_s
+    pool = redis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=settings.redis_max_connections, timeout=timeout,
+        socket_timeout=timeout, socket_connect_timeout=min(timeout, 1.0), retry=Retry(NoBackoff(), 1))
+    return redis.Redis(connection_pool=pool)
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -44,35 +46,60 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        conn = connect(settings.redis_url, settings.redis_timeout_s)
-        app.state.ledger = Ledger(conn, result_ttl_s=settings.result_ttl_s, failure_ttl_s=settings.failure_ttl_s,
-                                  idempotency_ttl_s=settings.idempotency_ttl_s)
-        # Route handlers block on Redis (sync waits included) in worker threads: allow enough of them.
-        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.http_threads
-        # ...but health and metrics never wait behind them (routes/health.py).
-        app.state.probe_threads = anyio.CapacityLimiter(4)
-        side_servers = start_side_servers(app)
+        state = app.state
+        conn = gateway_connection(settings)
+        probe_conn = connect(settings.redis_url, settings.redis_timeout_s)  # probes never wait behind requests
+        ledgers = {name: Ledger(c, result_ttl_s=settings.result_ttl_s, failure_ttl_s=settings.failure_ttl_s,
+                                idempotency_ttl_s=settings.idempotency_ttl_s)
+                   for name, c in (("ledger", conn), ("probe_ledger", probe_conn))}
+        # Blocking work (short Redis operations) runs on this many threads; nothing waits on one.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.blocking_threads
+        state.probes = anyio.CapacityLimiter(2)
+        state.hub = EventHub(settings.redis_url, timeout_s=settings.redis_timeout_s, ledger=ledgers["ledger"],
+                             blocking=blocking, buffer_bytes=settings.stream_buffer_bytes,
+                             check_s=settings.readiness_interval_s)
+        state.readiness = ReadinessMonitor(ledgers["probe_ledger"], catalog, settings.readiness_interval_s,
+                                           settings.redis_timeout_s)
+        state.probe_ledger = ledgers["probe_ledger"]
+        state.hub.start()
+        await state.readiness.start()
+        state.ledger = ledgers["ledger"]
+        grpc_server = None
+        if settings.grpc_port is not None:
+            from service.grpc.server import GrpcServer  # grpc is imported only by a gateway that serves it
+
+            grpc_server = await GrpcServer(state).start()
         log.info("gateway ready", extra={"models": list(catalog.models), "redis": _redacted(settings.redis_url)})
         try:
             yield
         finally:
-            for server in side_servers:
-                server.stop()
-            conn.close()
-            app.state.ledger = None
+            if grpc_server is not None:
+                grpc_server.begin_stop()
+            await state.hub.close()  # every waiting stream and request ends now; their jobs go on
+            if grpc_server is not None:
+                await grpc_server.stop()
+            await state.readiness.stop()
+            state.ledger = None
+            for client in (conn, probe_conn):
+                client.close()
+                client.connection_pool.disconnect()
 
     app = FastAPI(title="edm-serve", version=software_version(), lifespan=lifespan,
                   description="EDM diffusion models behind an API. Errors are application/problem+json.")
     app.state.settings = settings
     app.state.catalog = catalog
     app.state.ledger = None
+    app.state.probe_ledger = None
     app.state.key_hashes = frozenset(key_hash(k) for k in settings.api_keys)
-    app.state.metrics = GatewayMetrics(lambda: app.state.ledger, list(catalog.models))
+    app.state.metrics = metrics = GatewayMetrics(lambda: app.state.probe_ledger, list(catalog.models))
+    app.state.streams = Capacity("open event streams", settings.max_streams, metrics.open_streams)
+    app.state.waiting = Capacity("requests waiting for their job", settings.max_waiting, metrics.waiting_requests)
     errors.install(app)
     openapi.install(app, settings)
     for module in (generate, jobs, events, models, health, ui):
         app.include_router(module.router)
-    app.add_middleware(RequestContext, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes,
+                       body_timeout_s=settings.body_timeout_s)
     return app
 
 

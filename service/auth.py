@@ -20,7 +20,7 @@ def _unauthorized(detail: str) -> Problem:
     return Problem(401, detail, headers={"WWW-Authenticate": 'Bearer realm="edm-serve"'})
 
 
-def owner_of_request(request: Request) -> str:
+async def owner_of_request(request: Request) -> str:
     """The caller's owner id: ANONYMOUS when no keys are configured, else the hash of a valid key."""
     accepted: frozenset[str] = request.app.state.key_hashes
     if not accepted:

@@ -2,38 +2,45 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
+import anyio.to_thread
 from fastapi import Depends, Header, Request
 
 from service.auth import owner_of_request
+from service.capacity import Capacity
 from service.catalog import Catalog
+from service.events import EventHub
 from service.ledger import Ledger
 from service.metrics import GatewayMetrics
 from service.settings import GatewaySettings
 from service.validation import IDEMPOTENCY_KEY_MAX, IDEMPOTENCY_KEY_PATTERN
 
-
-def get_settings(request: Request) -> GatewaySettings:
-    return request.app.state.settings
+T = TypeVar("T")
 
 
-def get_ledger(request: Request) -> Ledger:
-    return request.app.state.ledger
+async def blocking(call: Callable[[], T]) -> T:
+    """Run a short blocking call (Redis work) on the gateway's bounded thread pool (EDM_BLOCKING_THREADS)."""
+    return await anyio.to_thread.run_sync(call)
 
 
-def get_catalog(request: Request) -> Catalog:
-    return request.app.state.catalog
+def _state(name: str) -> Callable[[Request], Awaitable[Any]]:
+    """A dependency that returns app.state.<name> (async: it runs on the event loop, not on the pool)."""
+
+    async def get(request: Request) -> Any:
+        return getattr(request.app.state, name)
+
+    return get
 
 
-def get_metrics(request: Request) -> GatewayMetrics:
-    return request.app.state.metrics
-
-
-SettingsDep = Annotated[GatewaySettings, Depends(get_settings)]
-LedgerDep = Annotated[Ledger, Depends(get_ledger)]
-CatalogDep = Annotated[Catalog, Depends(get_catalog)]
-MetricsDep = Annotated[GatewayMetrics, Depends(get_metrics)]
+SettingsDep = Annotated[GatewaySettings, Depends(_state("settings"))]
+LedgerDep = Annotated[Ledger, Depends(_state("ledger"))]
+CatalogDep = Annotated[Catalog, Depends(_state("catalog"))]
+MetricsDep = Annotated[GatewayMetrics, Depends(_state("metrics"))]
+HubDep = Annotated[EventHub, Depends(_state("hub"))]
+StreamsDep = Annotated[Capacity, Depends(_state("streams"))]
+WaitingDep = Annotated[Capacity, Depends(_state("waiting"))]
 OwnerDep = Annotated[str, Depends(owner_of_request)]
 # One rule with gRPC metadata (service/validation.py check_idempotency_key): empty or odd keys are 422s.
 IdempotencyKeyDep = Annotated[str | None, Header(

@@ -66,6 +66,24 @@ def _key_conflict() -> Problem:
     return Problem(422, "this Idempotency-Key was used with a different request body", field="Idempotency-Key")
 
 
+def check_owner(ledger: Ledger, job_id: str, owner: str) -> None:
+    """404 unless the job exists and belongs to `owner` (one read; visible_record reads it all)."""
+    if ledger.owner_of(job_id) != owner:
+        raise Problem(404, f"no job {job_id!r}")
+
+
+def abandon(ledger: Ledger, metrics: GatewayMetrics, job_id: str) -> None:
+    """The caller that waited for the job has gone and nobody else can name it (it sent no
+    Idempotency-Key): cancel it unless it has ended (a running job stops at its next evaluation)."""
+    before = ledger.status(job_id)
+    if before is None or before.terminal:
+        return
+    model = ledger.model_of(job_id)
+    if ledger.cancel(job_id) is JobStatus.cancelled and before is JobStatus.queued and model is not None:
+        metrics.jobs.labels(model, "cancelled").inc()
+    log.info("job cancelled: its caller left", extra={"job_id": job_id})
+
+
 def visible_record(ledger: Ledger, job_id: str, owner: str) -> JobRecord:
     """The job if it exists and belongs to `owner`; else 404 (the same answer either way)."""
     record = ledger.record(job_id) if ledger.owner_of(job_id) == owner else None

@@ -21,7 +21,7 @@ from contract.events import PREVIEW_FIELD
 from contract.jobs import JobResult, JobSpec, JobStatus, Progress, WorkerInfo
 from contract.ledger import JOB_FUNC, Keys, Outcome, finish, new_job_id, text
 
-_STATUS = {
+STATUS_OF_RQ = {
     RQStatus.QUEUED: JobStatus.queued, RQStatus.CREATED: JobStatus.queued,
     RQStatus.DEFERRED: JobStatus.queued, RQStatus.SCHEDULED: JobStatus.queued,
     RQStatus.STARTED: JobStatus.running,
@@ -148,9 +148,13 @@ class Ledger:
         owner = self.conn.hget(Keys.job(job_id), "owner")
         return None if owner is None else text(owner)
 
+    def model_of(self, job_id: str) -> str | None:
+        model = self.conn.hget(Keys.job(job_id), "model")
+        return None if model is None else text(model)
+
     def status(self, job_id: str) -> JobStatus | None:
         raw = self.conn.hget(Keys.rq_job(job_id), "status")
-        return None if raw is None else _STATUS[RQStatus(text(raw))]
+        return None if raw is None else STATUS_OF_RQ[RQStatus(text(raw))]
 
     def record(self, job_id: str) -> JobRecord | None:
         fields = {text(k): text(v) for k, v in self.conn.hgetall(Keys.job(job_id)).items()}
@@ -161,7 +165,7 @@ class Ledger:
         except Exception:  # NoSuchJobError, or a hash that expired between the two reads
             return None
         spec = JobSpec.model_validate(job.kwargs["spec"])
-        status = _STATUS[job.get_status(refresh=False)]
+        status = STATUS_OF_RQ[job.get_status(refresh=False)]
         if status.terminal and "finished" not in fields:  # the job ended between the two reads
             fields = {text(k): text(v) for k, v in self.conn.hgetall(Keys.job(job_id)).items()} or fields
         position = None
@@ -187,18 +191,6 @@ class Ledger:
 
     def pngs(self, job_id: str, count: int) -> list[bytes | None]:
         return self.conn.mget([Keys.png(job_id, k) for k in range(count)])  # type: ignore[return-value]
-
-    def wait(self, job_id: str, timeout_s: float, slice_s: float = 0.5) -> JobStatus | None:
-        """Block until the job is terminal or `timeout_s` passes; returns its status then."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            status = self.status(job_id)
-            if status is None or status.terminal:
-                return status
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return status
-            self.conn.blpop([Keys.done(job_id)], timeout=max(0.01, min(remaining, slice_s)))
 
     # cancellation
 

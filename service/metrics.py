@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -71,6 +71,10 @@ class GatewayMetrics:
         self.generate_seconds = Histogram(
             "edm_generate_latency_seconds", "End-to-end latency of POST /v1/generate that finished",
             ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.open_streams = Gauge("edm_gateway_open_streams", "Event streams (SSE, gRPC) this gateway holds open",
+                                  registry=r)
+        self.waiting_requests = Gauge("edm_gateway_waiting_requests", "Requests waiting for their job on this "
+                                      "gateway (POST /v1/generate, gRPC Generate)", registry=r)
         self.grpc_requests = Counter("edm_grpc_requests", "gRPC calls by method and status code",
                                      ["method", "code"], registry=r)
         for method in GRPC_METHODS:  # every method shows (at 0) before its first call

@@ -1,8 +1,13 @@
-"""Per-request context (pure ASGI): request id, body size limit, one log line, HTTP metrics, and the
-catch-all for unexpected errors (a problem+json 500 carrying the request id)."""
+"""Per-request context (pure ASGI): request id, body size and time limits, one log line, HTTP metrics,
+and the catch-all for unexpected errors (a problem+json 500 carrying the request id).
+
+The body is read here, whole (bodies are small by design), within EDM_BODY_TIMEOUT_S: a client
+that declares a body and then trickles or withholds it gets 408 and loses its connection.
+(A connection whose headers do not arrive in time is closed by the HTTP protocol: service/main.py.)"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
@@ -24,6 +29,11 @@ class BodyTooLarge(Problem):
         super().__init__(413, f"request body larger than {limit} bytes")
 
 
+class BodyTooSlow(Problem):
+    def __init__(self, limit_s: float):
+        super().__init__(408, f"the request body did not arrive within {limit_s:g} s", headers={"Connection": "close"})
+
+
 def _replay(body: bytes, receive: Any) -> Any:
     """A receive() that yields the already-read body once, then defers to the real one."""
     sent = [False]
@@ -38,10 +48,11 @@ def _replay(body: bytes, receive: Any) -> Any:
 
 
 class RequestContext:
-    def __init__(self, app: Any, metrics: GatewayMetrics, max_body_bytes: int):
+    def __init__(self, app: Any, metrics: GatewayMetrics, max_body_bytes: int, body_timeout_s: float):
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def _read_body(self, receive: Any) -> bytes | None:
         """The whole request body (small by design), or None once it passes the limit."""
@@ -79,7 +90,12 @@ class RequestContext:
             await send(message)
 
         try:
-            body = await self._read_body(receive)
+            try:
+                async with asyncio.timeout(self.body_timeout_s):
+                    body = await self._read_body(receive)
+            except TimeoutError:
+                await problem_response(BodyTooSlow(self.body_timeout_s))(scope, receive, send_with_id)
+                return
             if body is None:
                 await problem_response(BodyTooLarge(self.max_body_bytes))(scope, receive, send_with_id)
             else:

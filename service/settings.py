@@ -22,10 +22,23 @@ class GatewaySettings(CommonSettings):
     max_images: int = Field(default=256, gt=0, description="seeds per request")
     max_steps: int = Field(default=1000, ge=2, description="num_steps per request")
     idempotency_ttl_s: int = Field(default=86400, gt=0)
-    http_threads: int = Field(default=256, gt=0, description="threads serving blocking route handlers")
+    blocking_threads: int = Field(default=32, gt=0, description="threads for the short blocking work of requests "
+                                  "(Redis reads and writes); waiting for jobs and events takes none")
+    redis_max_connections: int = Field(default=96, gt=0, description="Redis connections for that work, at most (a "
+                                       "request waits for a free one); the event hub and the probes have their own")
+    max_streams: int = Field(default=4096, gt=0, description="open event streams (SSE and gRPC WatchJob / "
+                             "GenerateStream) together; more get 429 / RESOURCE_EXHAUSTED")
+    max_waiting: int = Field(default=2048, gt=0, description="requests waiting for their job (POST /v1/generate, gRPC "
+                             "Generate) together; more get 429 / RESOURCE_EXHAUSTED")
+    stream_buffer_bytes: int = Field(default=4 << 20, gt=0, description="events buffered for one slow stream reader; "
+                                     "beyond it the reader catches up from Redis once it has drained its buffer")
+    header_timeout_s: float = Field(default=10.0, gt=0, description="a connection whose request line and headers do "
+                                    "not arrive in this time is closed")
+    body_timeout_s: float = Field(default=30.0, gt=0, description="a request whose body does not arrive in this time "
+                                  "gets 408 and its connection is closed")
     grpc_port: int | None = Field(default=None, ge=0, le=65535,
                                   description="port of the gRPC server (edm.v1); unset = no gRPC, 0 = any free port")
-    grpc_threads: int = Field(default=128, gt=0, description="gRPC handler threads; each open event stream holds one")
-    grpc_health_interval_s: float = Field(default=0.5, gt=0, description="how often gRPC health re-checks readiness")
+    readiness_interval_s: float = Field(default=0.5, gt=0, description="how often readiness (GET /readyz, gRPC "
+                                        "health) is re-checked, on a Redis connection of its own")
 
     _split_keys = field_validator("api_keys", mode="before")(split_list)

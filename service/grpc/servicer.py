@@ -1,18 +1,23 @@
-"""edm.v1.GenerationService: the REST API's operations over gRPC, plus event streams.
+"""edm.v1.GenerationService: the REST API's operations over gRPC, plus event streams (grpc.aio).
 
 Each handler authenticates the call, then does what its REST twin does with the same code
-(service/jobs.py, validation.py, the ledger); the events come from the job's Redis stream through
-service/events.py. A Generate or GenerateStream call that ends before its job (the client
-cancelled, its deadline passed) cancels the job: it stops at its next network evaluation.
+(service/jobs.py, validation.py, the ledger): short Redis work runs on the gateway's bounded
+thread pool, and waiting (Generate, GenerateStream, WatchJob) happens on the event hub
+(service/events.py), holding no thread and no Redis connection. Streams count against
+EDM_MAX_STREAMS and waiting Generate calls against EDM_MAX_WAITING (RESOURCE_EXHAUSTED beyond).
+
+A Generate or GenerateStream call that ends before its job (the client cancelled, its deadline
+passed) cancels the job unless the call carried an `idempotency-key`: a retry with that key then
+finds the job still going, never one its own first attempt cancelled.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -20,26 +25,27 @@ import redis
 
 from contract.events import JobEvent
 from contract.jobs import JobStatus
-from contract.ledger import Keys, text
-from service.events import EventReader
+from service.deps import blocking
+from service.events import HubClosed
 from service.grpc import convert
 from service.grpc.auth import owner_of_call
 from service.grpc.errors import RpcFailure, invalid_argument
 from service.grpc.stubs import service_grpc, service_pb2
-from service.jobs import admit, resolve_request, visible_record
+from service.jobs import abandon, admit, check_owner, resolve_request, visible_record
 from service.ledger import Ledger
+from service.validation import check_idempotency_key, known_job_id
 
 log = logging.getLogger("service.grpc")
 _STREAM_ID = re.compile(r"^\d+(-\d+)?$")
 
 
 class Servicer(service_grpc.GenerationServiceServicer):
-    """Reads the gateway's app.state (settings, catalog, metrics, key_hashes, ledger), like the routes."""
+    """Reads the gateway's app.state (settings, catalog, metrics, key_hashes, ledger, hub), like the routes."""
 
-    def __init__(self, state: Any, *, stopping: threading.Event, block_s: float = 0.25):
+    def __init__(self, state: Any, *, stopping: asyncio.Event):
         self.state = state
         self.stopping = stopping  # set while the server shuts down: streams end, jobs go on
-        self.block_s = block_s
+        self._abandoning: set[asyncio.Task[Any]] = set()
 
     @property
     def ledger(self) -> Ledger:
@@ -48,23 +54,24 @@ class Servicer(service_grpc.GenerationServiceServicer):
             raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "the gateway is starting or stopping")
         return ledger
 
-    def _owner(self, context: grpc.ServicerContext) -> str:
+    def _owner(self, context: grpc.aio.ServicerContext) -> str:
         return owner_of_call(context.invocation_metadata(), self.state.key_hashes)
 
     # generation
 
-    def Generate(self, request: Any, context: grpc.ServicerContext) -> Any:
+    async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
         owner = self._owner(context)
-        job_id = self._submit(request.spec, owner, context)
-        ended = self._cancel_when_abandoned(job_id, context)
-        self._wait(job_id, context)
-        if not context.is_active():  # the caller is gone (cancelled, deadline): so is its job
-            return service_pb2.GenerateResponse()
-        ended.set()
-        record = visible_record(self.ledger, job_id, owner)
+        with self.state.waiting.take():
+            job_id, keyed = await self._submit(request.spec, owner, context)
+            ended = self._abandon_unless_ended(job_id, keyed, context)
+            await self._wait_end(job_id)
+            ended.set()
+        ledger = self.ledger
+        record = await blocking(lambda: visible_record(ledger, job_id, owner))
         if record.status is JobStatus.succeeded and record.result is not None:
-            pngs = self.ledger.pngs(job_id, len(record.result.images))
+            count = len(record.result.images)
+            pngs = await blocking(lambda: ledger.pngs(job_id, count))
             if any(png is None for png in pngs):
                 raise RpcFailure(grpc.StatusCode.NOT_FOUND, f"the images of job {job_id} have expired")
             self.state.metrics.generate_seconds.labels(record.spec.model).observe(time.perf_counter() - started)
@@ -75,47 +82,59 @@ class Servicer(service_grpc.GenerationServiceServicer):
             raise RpcFailure(grpc.StatusCode.ABORTED, f"job {job_id} was cancelled")
         raise RpcFailure(grpc.StatusCode.INTERNAL, f"generation failed: {record.error}")
 
-    def GenerateStream(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    async def GenerateStream(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         owner = self._owner(context)
         every = request.preview_every if request.HasField("preview_every") else 1
-        job_id = self._submit(request.spec, owner, context, preview_every=every)
-        ended = self._cancel_when_abandoned(job_id, context)
-        for event in self._events(job_id, "", context):
-            if event.terminal:
-                ended.set()
-            yield service_pb2.GenerateStreamResponse(event=convert.event(event))
+        with self.state.streams.take():
+            job_id, keyed = await self._submit(request.spec, owner, context, preview_every=every)
+            ended = self._abandon_unless_ended(job_id, keyed, context)
+            async for event in self._events(job_id, ""):
+                if event.terminal:
+                    ended.set()
+                yield service_pb2.GenerateStreamResponse(event=convert.event(event))
 
-    def WatchJob(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    async def WatchJob(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         owner = self._owner(context)
         if request.after_event_id and not _STREAM_ID.match(request.after_event_id):
             raise invalid_argument("after_event_id", "expected an event_id of this job's events")
-        visible_record(self.ledger, request.job_id, owner)
-        for event in self._events(request.job_id, request.after_event_id, context):
-            yield service_pb2.WatchJobResponse(event=convert.event(event))
+        ledger = self.ledger
+        await blocking(lambda: check_owner(ledger, known_job_id(request.job_id), owner))
+        with self.state.streams.take():
+            async for event in self._events(request.job_id, request.after_event_id):
+                yield service_pb2.WatchJobResponse(event=convert.event(event))
 
     # jobs and models
 
-    def GetJob(self, request: Any, context: grpc.ServicerContext) -> Any:
-        owner = self._owner(context)
-        record = visible_record(self.ledger, request.job_id, owner)
-        pngs = None
-        if request.include_images and record.result is not None:
-            pngs = self.ledger.pngs(record.id, len(record.result.images))
-        return service_pb2.GetJobResponse(job=convert.job(record, pngs))
+    async def GetJob(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        owner, ledger = self._owner(context), self.ledger
 
-    def CancelJob(self, request: Any, context: grpc.ServicerContext) -> Any:
-        owner = self._owner(context)
-        record = visible_record(self.ledger, request.job_id, owner)
-        if record.status in (JobStatus.succeeded, JobStatus.failed):
-            raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, f"job {record.id} already {record.status.value}")
-        if self.ledger.cancel(record.id) is JobStatus.cancelled and record.status is JobStatus.queued:
-            self.state.metrics.jobs.labels(record.spec.model, "cancelled").inc()
-        return service_pb2.CancelJobResponse(job=convert.job(visible_record(self.ledger, record.id, owner)))
+        def get() -> Any:
+            record = visible_record(ledger, known_job_id(request.job_id), owner)
+            pngs = None
+            if request.include_images and record.result is not None:
+                pngs = ledger.pngs(record.id, len(record.result.images))
+            return service_pb2.GetJobResponse(job=convert.job(record, pngs))
 
-    def ListModels(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return await blocking(get)
+
+    async def CancelJob(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        owner, ledger, metrics = self._owner(context), self.ledger, self.state.metrics
+
+        def cancel() -> Any:
+            record = visible_record(ledger, known_job_id(request.job_id), owner)
+            if record.status in (JobStatus.succeeded, JobStatus.failed):
+                raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, f"job {record.id} already {record.status.value}")
+            if ledger.cancel(record.id) is JobStatus.cancelled and record.status is JobStatus.queued:
+                metrics.jobs.labels(record.spec.model, "cancelled").inc()
+            return service_pb2.CancelJobResponse(job=convert.job(visible_record(ledger, record.id, owner)))
+
+        return await blocking(cancel)
+
+    async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._owner(context)
+        ledger = self.ledger
         try:
-            published = self.ledger.published_cards()
+            published = await blocking(ledger.published_cards)
         except redis.RedisError:
             published = {}  # our own cards come from disk; only pickles' cards need Redis
         catalog = self.state.catalog
@@ -124,58 +143,66 @@ class Servicer(service_grpc.GenerationServiceServicer):
 
     # helpers
 
-    def _submit(self, spec_message: Any, owner: str, context: grpc.ServicerContext, preview_every: int = 0) -> str:
+    async def _submit(self, spec_message: Any, owner: str, context: grpc.aio.ServicerContext,
+                      preview_every: int = 0) -> tuple[str, bool]:
+        """Admit the call's job; (job id, whether the call named it with an idempotency-key)."""
         body = convert.generate_request(spec_message)
-        settings, ledger = self.state.settings, self.ledger
-        spec = resolve_request(body, settings, ledger, self.state.catalog)
-        idempotency_key = dict(context.invocation_metadata() or ()).get("idempotency-key")
-        if idempotency_key is not None and not 0 < len(idempotency_key) <= 255:
-            raise invalid_argument("idempotency-key", "at most 255 characters")
-        job_id, _ = admit(spec, owner, settings=settings, ledger=ledger, metrics=self.state.metrics,
-                          idempotency_key=idempotency_key, body=body, preview_every=preview_every)
-        return job_id
+        idempotency_key = check_idempotency_key(dict(context.invocation_metadata() or ()).get("idempotency-key"))
+        settings, ledger, catalog, metrics = self.state.settings, self.ledger, self.state.catalog, self.state.metrics
 
-    def _wait(self, job_id: str, context: grpc.ServicerContext) -> JobStatus | None:
-        """Until the job has ended (its status), is gone (None), or the call is over."""
-        while context.is_active():
-            if self.stopping.is_set():  # the job goes on: its caller can fetch it with GetJob
-                raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"the gateway is shutting down; job {job_id} goes on "
-                                 "(GetJob, WatchJob)")
-            remaining = context.time_remaining()
-            status = self.ledger.wait(job_id, 0.5 if remaining is None else max(0.0, min(0.5, remaining)))
-            if status is None or status.terminal:
-                return status
-        return None
+        def submit() -> str:
+            spec = resolve_request(body, settings, ledger, catalog)
+            job_id, _ = admit(spec, owner, settings=settings, ledger=ledger, metrics=metrics,
+                              idempotency_key=idempotency_key, body=body, preview_every=preview_every)
+            return job_id
 
-    def _events(self, job_id: str, after: str, context: grpc.ServicerContext) -> Iterator[JobEvent]:
-        reader = EventReader(self.ledger, job_id, after=after, block_s=self.block_s)
-        while context.is_active():
-            if self.stopping.is_set():
-                raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down; resume with "
-                                 f"WatchJob(job_id={job_id!r}, after_event_id=<the last event_id>)")
-            yield from reader.poll()
-            if reader.finished:
-                return
+        return await blocking(submit), idempotency_key is not None
 
-    def _cancel_when_abandoned(self, job_id: str, context: grpc.ServicerContext) -> threading.Event:
-        """Cancel the job if the call ends before it does; set the returned event once it has ended."""
-        ended = threading.Event()
+    async def _wait_end(self, job_id: str) -> None:
+        """Until the job has ended; UNAVAILABLE when the gateway shuts down first (the job goes on)."""
+        watcher = self.state.hub.watch(job_id, terminal_only=True)
+        try:
+            while not watcher.finished:
+                await watcher.next()
+        except HubClosed:
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"the gateway is shutting down; job {job_id} goes on "
+                             "(GetJob, WatchJob)") from None
+        finally:
+            watcher.close()
 
-        def on_call_end() -> None:
+    async def _events(self, job_id: str, after: str) -> AsyncIterator[JobEvent]:
+        watcher = self.state.hub.watch(job_id, after=after)
+        try:
+            while not watcher.finished:
+                for event in await watcher.next():
+                    yield event
+        except HubClosed:
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down; resume with "
+                             f"WatchJob(job_id={job_id!r}, after_event_id=<the last event_id>)") from None
+        finally:
+            watcher.close()
+
+    def _abandon_unless_ended(self, job_id: str, keyed: bool, context: grpc.aio.ServicerContext) -> asyncio.Event:
+        """Cancel the job if the call ends before the job does (unless it is keyed, or the gateway is
+        stopping); set the returned event once the job has ended."""
+        ended = asyncio.Event()
+        if keyed:
+            return ended
+        ledger, metrics, loop = self.ledger, self.state.metrics, asyncio.get_running_loop()
+
+        def abandon_now() -> None:
             if ended.is_set() or self.stopping.is_set():
                 return
-            try:
-                ledger = self.ledger
-                before = ledger.status(job_id)
-                if before is None or before.terminal:
-                    return
-                if ledger.cancel(job_id) is JobStatus.cancelled and before is JobStatus.queued:
-                    model = ledger.conn.hget(Keys.job(job_id), "model")
-                    self.state.metrics.jobs.labels(text(model), "cancelled").inc()
-                log.info("job cancelled: its caller left", extra={"job_id": job_id})
-            except (redis.RedisError, RpcFailure) as error:
-                log.warning("could not cancel an abandoned job: %s", error, extra={"job_id": job_id})
+            task = loop.create_task(self._abandon(ledger, metrics, job_id))
+            self._abandoning.add(task)  # keep a reference until it has run
+            task.add_done_callback(self._abandoning.discard)
 
-        if not context.add_callback(on_call_end):
-            on_call_end()
+        context.add_done_callback(lambda _: loop.call_soon_threadsafe(abandon_now))
         return ended
+
+    @staticmethod
+    async def _abandon(ledger: Ledger, metrics: Any, job_id: str) -> None:
+        try:
+            await blocking(lambda: abandon(ledger, metrics, job_id))
+        except redis.RedisError as error:
+            log.warning("could not cancel an abandoned job: %s", error, extra={"job_id": job_id})

@@ -5,6 +5,10 @@ Each event has `event:` its type (queued, started, progress, image, done, error)
 stream, `id:`, so a client that reconnects (EventSource does, with Last-Event-ID) resumes where it
 was. A connection opened late first replays the job's events from its start. The stream ends
 after done or error; a reconnection after that is answered 204 (EventSource stops there).
+
+A stream holds no thread and no Redis connection: it reads from the gateway's event hub
+(service/events.py). At most EDM_MAX_STREAMS streams (SSE and gRPC together) are open per
+gateway; more get 429. A client that closes its connection releases its place at once.
 """
 
 from __future__ import annotations
@@ -12,20 +16,21 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
-import anyio.to_thread
 import redis
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
 
 from contract.events import JobEvent
-from service.deps import LedgerDep, OwnerDep
+from service.capacity import Slot
+from service.deps import HubDep, LedgerDep, OwnerDep, StreamsDep, blocking
 from service.errors import invalid
-from service.events import EventReader, last_event
-from service.jobs import visible_record
+from service.events import HubClosed, Watcher, stream_order
+from service.jobs import check_owner
+from service.schemas import JobId
+from service.validation import known_job_id
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("service.events")
@@ -36,46 +41,57 @@ KEEPALIVE_S = 15.0
 @router.get("/{job_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}},
                        204: {"description": "resumed after the job's last event: nothing more will come"}})
-def job_events(job_id: str, ledger: LedgerDep, owner: OwnerDep,
-               last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
-               after: Annotated[str | None, Query(max_length=64, description="resume after this event id")] = None,
-               ) -> Response:
-    visible_record(ledger, job_id, owner)
+async def job_events(job_id: JobId, ledger: LedgerDep, hub: HubDep, streams: StreamsDep, owner: OwnerDep,
+                     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
+                     after: Annotated[str | None, Query(max_length=64, description="resume after this event id")]
+                     = None) -> Response:
+    for name, value in (("Last-Event-ID", last_event_id), ("after", after)):
+        if value and not _STREAM_ID.match(value):
+            raise invalid(name, "expected the id of one of this job's events")
     resume = last_event_id or after or ""
-    if resume and not _STREAM_ID.match(resume):
-        raise invalid("Last-Event-ID" if last_event_id else "after", "expected the id of one of this job's events")
+    await blocking(lambda: check_owner(ledger, known_job_id(job_id), owner))
     if resume:
-        last = last_event(ledger, job_id)
-        if last is not None and last.terminal and _order(last.id) <= _order(resume):
+        last = await hub.last_event(job_id)
+        if last is not None and last.terminal and stream_order(last.id) <= stream_order(resume):
             return Response(status_code=204)
-    reader = EventReader(ledger, job_id, after=resume)
-    return StreamingResponse(_stream(reader), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return EventStream(hub.watch(job_id, after=resume), streams.take())
 
 
-async def _stream(reader: EventReader) -> AsyncIterator[str]:
-    quiet_since = time.monotonic()
-    while not reader.finished:
+class EventStream(StreamingResponse):
+    """The stream of one watcher; whichever way the response ends (done, client gone, shutdown, or
+    before it started), the watcher and its place in EDM_MAX_STREAMS are released."""
+
+    def __init__(self, watcher: Watcher, slot: Slot):
+        super().__init__(_stream(watcher), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.watcher = watcher
+        self.slot = slot
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
-            events = await anyio.to_thread.run_sync(reader.poll)
-        except redis.RedisError as error:  # end here: the client reconnects with Last-Event-ID
-            log.warning("event stream ended, Redis unavailable: %s", error, extra={"job_id": reader.job_id})
-            return
-        for event in events:
-            yield sse(event)
-        if events:
-            quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since >= KEEPALIVE_S:
-            yield ": keep-alive\n\n"
-            quiet_since = time.monotonic()
+            await super().__call__(scope, receive, send)
+        finally:
+            self.watcher.close()
+            self.slot.release()
+
+
+async def _stream(watcher: Watcher) -> AsyncIterator[str]:
+    """The job's events until its last; a keep-alive comment when nothing came for KEEPALIVE_S. Ends
+    early when Redis is unreachable or the gateway stops: the client resumes with Last-Event-ID."""
+    try:
+        while not watcher.finished:
+            events = await watcher.next(KEEPALIVE_S)
+            if not events and not watcher.finished:
+                yield ": keep-alive\n\n"
+            for event in events:
+                yield sse(event)
+    except redis.RedisError as error:
+        log.warning("event stream ended, Redis unavailable: %s", error, extra={"job_id": watcher.job_id})
+    except HubClosed:
+        pass
 
 
 def sse(event: JobEvent) -> str:
     lines = [f"id: {event.id}"] if event.id else []
     lines += [f"event: {event.type}", "data: " + json.dumps(event.to_json(), separators=(",", ":"))]
     return "\n".join(lines) + "\n\n"
-
-
-def _order(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)

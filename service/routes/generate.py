@@ -3,20 +3,39 @@
 The answer's form follows the Accept header: `image/png` -> the PNG itself (one image only,
 else 406); `application/json` -> JSON with base64 PNGs; anything else -> PNG for one image,
 JSON for several. If the job is not done in time: 202 with Location and the job's status.
+
+Waiting takes no thread and no Redis connection: the route waits on the gateway's event hub
+(service/events.py) for the job's terminal event. At most EDM_MAX_WAITING requests wait at once
+per gateway; more get 429 before any job is made. A client that disconnects while it waits stops
+the waiting; its job is cancelled unless the request carried an Idempotency-Key (then a retry
+with that key finds the job going on, or done).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from contract.jobs import JobStatus
-from service.deps import CatalogDep, IdempotencyKeyDep, LedgerDep, MetricsDep, OwnerDep, SettingsDep
+from service.deps import (
+    CatalogDep,
+    HubDep,
+    IdempotencyKeyDep,
+    LedgerDep,
+    MetricsDep,
+    OwnerDep,
+    SettingsDep,
+    WaitingDep,
+    blocking,
+)
 from service.errors import Problem
-from service.jobs import admit, job_url, job_view, resolve_request, visible_record
+from service.events import EventHub
+from service.jobs import abandon, admit, job_url, job_view, resolve_request, visible_record
 from service.ledger import JobRecord, Ledger
 from service.schemas import GeneratedImageJSON, GenerateRequest, GenerateResponse
 
@@ -36,27 +55,59 @@ def wanted_form(accept: str) -> str:
 
 @router.post("/generate", responses={200: {"content": {"image/png": {}}, "model": GenerateResponse},
                                      202: {"description": "not done within the sync timeout"}})
-def generate(body: GenerateRequest, request: Request, settings: SettingsDep, ledger: LedgerDep,
-             catalog: CatalogDep, metrics: MetricsDep, owner: OwnerDep,
-             idempotency_key: IdempotencyKeyDep = None) -> Response:
+async def generate(body: GenerateRequest, request: Request, settings: SettingsDep, ledger: LedgerDep,
+                   catalog: CatalogDep, metrics: MetricsDep, hub: HubDep, waiting: WaitingDep, owner: OwnerDep,
+                   idempotency_key: IdempotencyKeyDep = None) -> Response:
     started = time.perf_counter()
     form = wanted_form(request.headers.get("accept", ""))
-    spec = resolve_request(body, settings, ledger, catalog)
-    if form == "png" and spec.num_images != 1:
-        raise Problem(406, f"Accept: image/png returns one image, but this request makes {spec.num_images}; "
-                      "accept application/json")
-    job_id, _ = admit(spec, owner, settings=settings, ledger=ledger, metrics=metrics,
-                      idempotency_key=idempotency_key, body=body)
-    status = ledger.wait(job_id, settings.sync_timeout_s)
+    with waiting.take():
+        spec = await blocking(lambda: resolve_request(body, settings, ledger, catalog))
+        if form == "png" and spec.num_images != 1:
+            raise Problem(406, f"Accept: image/png returns one image, but this request makes {spec.num_images}; "
+                          "accept application/json")
+        job_id, _ = await blocking(lambda: admit(spec, owner, settings=settings, ledger=ledger, metrics=metrics,
+                                                 idempotency_key=idempotency_key, body=body))
+        ended = await _wait_or_leave(hub, job_id, settings.sync_timeout_s, request)
+        if ended is None:  # the client has gone
+            if idempotency_key is None:
+                await blocking(lambda: abandon(ledger, metrics, job_id))
+            return Response(status_code=499)
+        return await blocking(lambda: _answer(ledger, metrics, job_id, owner, form, started))
+
+
+async def _wait_or_leave(hub: EventHub, job_id: str, timeout_s: float, request: Request) -> bool | None:
+    """True: the job ended; False: `timeout_s` passed first; None: the client disconnected."""
+    waiting = asyncio.ensure_future(hub.wait_end(job_id, timeout_s))
+    leaving = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((waiting, leaving), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (waiting, leaving):
+            task.cancel()
+        await asyncio.gather(waiting, leaving, return_exceptions=True)
+    if waiting.done() and not waiting.cancelled() and waiting.exception() is None:
+        return waiting.result()
+    if leaving.done() and not leaving.cancelled():
+        return None
+    return waiting.result()  # raises what the wait raised (e.g. Redis unreachable)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes its connection (the body was read: receive() has nothing else)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _answer(ledger: Ledger, metrics: Any, job_id: str, owner: str, form: str, started: float) -> Response:
     record = visible_record(ledger, job_id, owner)
-    if status is JobStatus.succeeded and record.result is not None:
-        metrics.generate_seconds.labels(spec.model).observe(time.perf_counter() - started)
-        if form == "png" or (form == "auto" and spec.num_images == 1):
+    if record.status is JobStatus.succeeded and record.result is not None:
+        metrics.generate_seconds.labels(record.spec.model).observe(time.perf_counter() - started)
+        if form == "png" or (form == "auto" and record.spec.num_images == 1):
             return _png_response(ledger, record)
         return _json_response(ledger, record)
-    if status is JobStatus.failed:
+    if record.status is JobStatus.failed:
         raise Problem(500, f"generation failed: {record.error}", job_id=job_id)
-    if status is JobStatus.cancelled:
+    if record.status is JobStatus.cancelled:
         raise Problem(409, f"job {job_id} was cancelled", job_id=job_id)
     return JSONResponse(job_view(record).model_dump(mode="json"), status_code=202,
                         headers={"Location": job_url(job_id)})

@@ -220,6 +220,6 @@ def test_health_serving_only_with_redis_and_a_worker(locked: Locked) -> None:
     conn.close()
     locked.redis.stop()
     wait_until(lambda: status() == NOT_SERVING, 10)
-    error = failure(lambda: locked.stub.GetJob(service_pb2.GetJobRequest(job_id="x"),
+    error = failure(lambda: locked.stub.GetJob(service_pb2.GetJobRequest(job_id="A" * 24),
                                                metadata=locked.grpc_key("alpha"), timeout=10))
     assert error.code() == grpc.StatusCode.UNAVAILABLE

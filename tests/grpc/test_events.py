@@ -1,18 +1,23 @@
 """The event stream without processes: the worker's progress events and previews (no Redis), and
-the gateway's reader against a real Redis (stored, derived and resumed events)."""
+the gateway's event hub against a real Redis (stored, derived and resumed events, slow readers)."""
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
 
 import redis
 import torch
 
-from contract.events import Frame, events_key
+from contract.events import Frame, JobEvent, events_key
 from contract.jobs import ImageInfo, JobResult, JobSpec, JobStatus, SamplerParams
 from contract.ledger import Outcome
 from model.generate import EvalEvent
 from model.images import decode_png, to_pixels
-from service.events import EventReader
+from service.deps import blocking
+from service.events import EventHub, Watcher
 from service.ledger import Ledger
+from tests.integration.servers import RedisServer
 from tests.worker.test_batcher import job
 from worker.batcher import plan_batch
 from worker.metrics import WorkerMetrics
@@ -53,40 +58,97 @@ def spec(images: int = 1) -> JobSpec:
     return JobSpec(model="m", seeds=list(range(images)), class_labels=[None] * images, sampler=SamplerParams())
 
 
-def test_reader_positions_stored_events_resume_and_derived_ends(redis_conn: redis.Redis) -> None:
+async def _hub_test(book: Ledger, url: str, redis_conn: redis.Redis) -> None:
+    hub = EventHub(url, timeout_s=2.0, ledger=book, blocking=blocking, buffer_bytes=1 << 20, check_s=0.05)
+    hub.start()
+    try:
+        first, second = book.submit(spec(), "o")[0], book.submit(spec(), "o")[0]
+        watcher = hub.watch(second)
+        assert [(e.type, e.data) for e in await watcher.next(2)] == [("queued", {"position": 1})]
+        assert await watcher.next(0.2) == []  # nothing new, same position
+        book.cancel(first)
+        assert [(e.type, e.data, e.id) for e in await watcher.next(2)] == [("queued", {"position": 0}, "")]
+        book.cancel(second)  # cancelled while queued: no stream entry, so the hub derives the end
+        (end,) = await watcher.next(2)
+        assert (end.type, end.data["status"], end.id, watcher.finished) == ("error", "cancelled", "", True)
+        assert not hub.feeds  # its last watcher finished: the hub reads that job no more
+
+        third = book.submit(spec(2), "o", preview_every=3)[0]  # asked for in the transaction that queues it
+        live = hub.watch(third)
+        waiting = asyncio.ensure_future(hub.wait_end(third, 10))
+        assert [e.type for e in await live.next(2)] == ["queued"]
+        worker = WorkerQueue(redis_conn, "w1", result_ttl_s=60, failure_ttl_s=60, heartbeat_ttl_s=5, max_reruns=1)
+        (claimed,) = worker.claim("m", 1)
+        assert worker.preview_every([third]) == {third: 3}
+        worker.mark_started(claimed)
+        worker.publish_progress([(third, {"nfe": 1}, [Frame(1, b"x1"), Frame(0, b"x0")])])
+        infos = [ImageInfo(index=k, seed=k, class_label=1, metadata={"k": str(k)}) for k in range(2)]
+        worker.store_pngs([(third, k, b"png%d" % k) for k in range(2)], [(third, info) for info in infos])
+        assert not waiting.done()
+        worker.finish([Outcome(third, JobStatus.succeeded,
+                               result=JobResult(images=infos, worker="w1", sampling_s=1.0))])
+        assert await waiting is True
+        seen: list[JobEvent] = []
+        while not live.finished:
+            seen += await live.next(2)
+        events = [e async for e in _all(hub.watch(third))]  # a late watcher reads the stream itself
+        assert [e.type for e in events] == ["started", "progress", "image", "image", "done"]
+        assert [e.id for e in seen] == [e.id for e in events]  # the live one got the same, in order
+        assert events[1].data == {"nfe": 1} and events[1].frames == (Frame(0, b"x0"), Frame(1, b"x1"))
+        assert [e.frames[0].png for e in events if e.type == "image"] == [b"png0", b"png1"]
+        assert events[-1].data == {"images": 2, "sampling_s": 1.0}
+        resumed = [e async for e in _all(hub.watch(third, after=events[1].id))]
+        assert [e.id for e in resumed] == [e.id for e in events[2:]]
+        assert await hub.wait_end(third, 1) is True  # ended already: answered from the stream
+
+        redis_conn.delete(events_key(third))  # the stream is gone, the result is not: derived from the result
+        derived = [e async for e in _all(hub.watch(third))]
+        assert [(e.type, e.id) for e in derived] == [("image", ""), ("image", ""), ("done", "")]
+        assert derived[1].frames[0].png == b"png1" and derived[1].data["seed"] == 1
+
+        gone = [e async for e in _all(hub.watch("no-such-job"))]
+        assert [e.type for e in gone] == ["error"] and gone[0].data["message"] == "the job expired"
+    finally:
+        await hub.close()
+
+
+async def _all(watcher: Watcher) -> AsyncIterator[JobEvent]:
+    while not watcher.finished:
+        events = await watcher.next(5)
+        assert events, "no event within 5 s"
+        for event in events:
+            yield event
+
+
+def test_hub_positions_stored_events_resume_and_derived_ends(redis_conn: redis.Redis,
+                                                             redis_server: RedisServer) -> None:
     book = Ledger(redis_conn, result_ttl_s=60, failure_ttl_s=60)
-    first, second = book.submit(spec(), "o")[0], book.submit(spec(), "o")[0]
-    reader = EventReader(book, second, block_s=0.05)
-    assert [(e.type, e.data) for e in reader.poll()] == [("queued", {"position": 1})]
-    assert reader.poll() == []  # nothing new, same position
-    book.cancel(first)
-    assert [(e.type, e.data, e.id) for e in reader.poll()] == [("queued", {"position": 0}, "")]
-    book.cancel(second)  # cancelled while queued: no stream entry, so the reader derives the end
-    (end,) = reader.poll()
-    assert (end.type, end.data["status"], end.id, reader.finished) == ("error", "cancelled", "", True)
+    asyncio.run(_hub_test(book, redis_server.url, redis_conn))
 
-    third = book.submit(spec(2), "o", preview_every=3)[0]  # asked for in the transaction that queues it
-    worker = WorkerQueue(redis_conn, "w1", result_ttl_s=60, failure_ttl_s=60, heartbeat_ttl_s=5, max_reruns=1)
-    (claimed,) = worker.claim("m", 1)
-    assert worker.preview_every([third]) == {third: 3}
-    worker.mark_started(claimed)
-    worker.publish_progress([(third, {"nfe": 1}, [Frame(1, b"x1"), Frame(0, b"x0")])])
-    infos = [ImageInfo(index=k, seed=k, class_label=1, metadata={"k": str(k)}) for k in range(2)]
-    worker.store_pngs([(third, k, b"png%d" % k) for k in range(2)], [(third, info) for info in infos])
-    worker.finish([Outcome(third, JobStatus.succeeded, result=JobResult(images=infos, worker="w1", sampling_s=1.0))])
-    events = EventReader(book, third).poll()
-    assert [e.type for e in events] == ["started", "progress", "image", "image", "done"]
-    assert events[1].data == {"nfe": 1} and events[1].frames == (Frame(0, b"x0"), Frame(1, b"x1"))
-    assert [e.frames[0].png for e in events if e.type == "image"] == [b"png0", b"png1"]
-    assert events[-1].data == {"images": 2, "sampling_s": 1.0}
-    resumed = EventReader(book, third, after=events[1].id).poll()
-    assert [e.id for e in resumed] == [e.id for e in events[2:]]
 
-    redis_conn.delete(events_key(third))  # the stream is gone, the result is not: derived from the result
-    reader = EventReader(book, third, block_s=0.05)
-    derived = reader.poll() + reader.poll()
-    assert [(e.type, e.id) for e in derived] == [("image", ""), ("image", ""), ("done", "")]
-    assert derived[1].frames[0].png == b"png1" and derived[1].data["seed"] == 1
+async def _slow_reader_test(book: Ledger, url: str, redis_conn: redis.Redis) -> None:
+    """A reader that does not read holds at most buffer_bytes; once it reads, it gets every event, in order."""
+    hub = EventHub(url, timeout_s=2.0, ledger=book, blocking=blocking, buffer_bytes=20_000, check_s=0.05)
+    hub.start()
+    try:
+        job_id = book.submit(spec(), "o", preview_every=1)[0]
+        worker = WorkerQueue(redis_conn, "w1", result_ttl_s=60, failure_ttl_s=60, heartbeat_ttl_s=5, max_reruns=1)
+        (claimed,) = worker.claim("m", 1)
+        slow = hub.watch(job_id)
+        assert [e.type for e in await slow.next(2)] == ["queued"]
+        worker.mark_started(claimed)
+        for nfe in range(1, 41):  # 40 previews of 4 kB: 160 kB, eight times the buffer
+            worker.publish_progress([(job_id, {"nfe": nfe}, [Frame(0, bytes(4000))])])
+        worker.finish([Outcome(job_id, JobStatus.failed, error="stopped for the test")])
+        await asyncio.sleep(0.5)  # the hub reads all of it meanwhile; the watcher takes what fits
+        assert slow._bytes <= 20_000 and slow.feed is None  # it fell behind: detached, bounded
+        events = [e async for e in _all(slow)]
+        assert [e.type for e in events] == ["started", *["progress"] * 40, "error"]
+        assert [e.data["nfe"] for e in events if e.type == "progress"] == list(range(1, 41))
+    finally:
+        await hub.close()
 
-    gone = EventReader(book, "no-such-job", block_s=0.05)
-    assert [e.type for e in gone.poll()] == ["error"] and gone.finished
+
+def test_a_slow_reader_is_bounded_and_loses_nothing(redis_conn: redis.Redis, redis_server: RedisServer) -> None:
+    book = Ledger(redis_conn, result_ttl_s=60, failure_ttl_s=60)
+    asyncio.run(_slow_reader_test(book, redis_server.url, redis_conn))

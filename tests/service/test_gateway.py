@@ -69,17 +69,35 @@ def test_health_models_and_openapi(gateway: Start) -> None:
     assert client.get("/healthz", headers={"X-Request-ID": "abc-123"}).headers["x-request-id"] == "abc-123"
 
 
-def test_health_and_readiness_answer_while_every_http_thread_waits(gateway: Start, redis_conn: redis.Redis) -> None:
-    client = gateway(http_threads=2, sync_timeout_s=4)
+def test_waiting_requests_hold_no_thread_and_probes_stay_fast(gateway: Start, redis_conn: redis.Redis) -> None:
+    client = gateway(blocking_threads=1, sync_timeout_s=4)
     waits = [threading.Thread(target=client.post, args=("/v1/generate",), kwargs={"json": {"seeds": [k]}})
-             for k in range(2)]  # no worker: each holds a thread for sync_timeout_s
+             for k in range(6)]  # no worker: each waits sync_timeout_s for its job
     for wait in waits:
         wait.start()
-    wait_until(lambda: redis_conn.llen("rq:queue:tiny") == 2, 3)  # both are waiting for their jobs now
-    for path, status in (("/healthz", 200), ("/readyz", 503), ("/metrics", 200)):
+    wait_until(lambda: redis_conn.llen("rq:queue:tiny") == 6, 3)  # all six are waiting for their jobs now
+    for path, status in (("/healthz", 200), ("/readyz", 503), ("/metrics", 200), ("/v1/models", 200)):
         started = time.monotonic()
         assert client.get(path).status_code == status
-        assert time.monotonic() - started < 1.0, path
+        assert time.monotonic() - started < 1.0, path  # the one blocking thread is free: nobody waits on it
+    assert "edm_gateway_waiting_requests 6.0" in client.get("/metrics").text
+    for wait in waits:
+        wait.join()
+    assert "edm_gateway_waiting_requests 0.0" in client.get("/metrics").text
+
+
+def test_waiting_requests_past_the_limit_get_429_before_any_job_is_made(gateway: Start,
+                                                                      redis_conn: redis.Redis) -> None:
+    client = gateway(max_waiting=2, sync_timeout_s=3)
+    waits = [threading.Thread(target=client.post, args=("/v1/generate",), kwargs={"json": {"seeds": [k]}})
+             for k in range(2)]
+    for wait in waits:
+        wait.start()
+    wait_until(lambda: redis_conn.llen("rq:queue:tiny") == 2, 3)
+    response = client.post("/v1/generate", json={"seeds": [9]})
+    problem = assert_problem(response, 429)
+    assert "2 requests waiting" in problem["detail"] and response.headers["retry-after"] == "1"
+    assert redis_conn.llen("rq:queue:tiny") == 2  # refused before admission: no job for nobody
     for wait in waits:
         wait.join()
 
@@ -279,11 +297,16 @@ def test_readyz_shows_a_model_that_a_worker_is_downloading(gateway: Start, redis
     client = gateway()
     loader = WorkerQueue(redis_conn, "w-loading", result_ttl_s=60, failure_ttl_s=60, heartbeat_ttl_s=5, max_reruns=1)
     loader.report_loading("tiny", {"phase": "downloading", "bytes": 300, "total_bytes": 1200}, ttl_s=5)
-    problem = assert_problem(client.get("/readyz"), 503)
+    problem = wait_until(lambda: _loading_problem(client), 3)  # readiness is re-checked every 0.5 s
     assert "tiny (downloading 25%)" in problem["detail"]
     assert problem["loading"]["tiny"]["worker"] == "w-loading" and problem["loading"]["tiny"]["bytes"] == 300
     loader.loaded("tiny")
-    assert "loading" not in assert_problem(client.get("/readyz"), 503)["detail"]
+    wait_until(lambda: "loading" not in assert_problem(client.get("/readyz"), 503)["detail"], 3)
+
+
+def _loading_problem(client: httpx.Client) -> dict | None:
+    problem = assert_problem(client.get("/readyz"), 503)
+    return problem if problem.get("loading") else None
 
 
 def test_random_seed_when_none_given(gateway: Start) -> None:
