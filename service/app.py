@@ -32,10 +32,11 @@ log = logging.getLogger("service.app")
 
 def gateway_connection(settings: GatewaySettings) -> redis.Redis:
     """The pool of the routes' short Redis work: at most redis_max_connections, and a request that
-    finds none free waits for one (up to redis_timeout_s) rather than failing as if Redis were down."""
+    finds none free waits for one rather than failing as if Redis were down. A blocking thread holds
+    at most two at once, and the settings keep the pool above twice the threads: the wait is short."""
     timeout = settings.redis_timeout_s
     pool = redis.BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=settings.redis_max_connections, timeout=timeout,
+        settings.redis_url, max_connections=settings.redis_max_connections, timeout=None,
         socket_timeout=timeout, socket_connect_timeout=min(timeout, 1.0), retry=Retry(NoBackoff(), 1))
     return redis.Redis(connection_pool=pool)
 
@@ -57,7 +58,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         state.probes = anyio.CapacityLimiter(2)
         state.hub = EventHub(settings.redis_url, timeout_s=settings.redis_timeout_s, ledger=ledgers["ledger"],
                              blocking=blocking, buffer_bytes=settings.stream_buffer_bytes,
-                             check_s=settings.readiness_interval_s)
+                             check_s=settings.readiness_interval_s, watched_jobs=app.state.metrics.watched_jobs)
         state.readiness = ReadinessMonitor(ledgers["probe_ledger"], catalog, settings.readiness_interval_s,
                                            settings.redis_timeout_s)
         state.probe_ledger = ledgers["probe_ledger"]

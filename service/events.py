@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import redis
 import redis.asyncio as aioredis
+from prometheus_client import Gauge
 from rq.job import JobStatus as RQStatus
 
 from contract.events import TERMINAL, Frame, JobEvent, decode_entry, events_key
@@ -161,8 +162,10 @@ class EventHub:
     hub uses it, with `ledger`, only to derive the rare ends that have no stream entry."""
 
     def __init__(self, url: str, *, timeout_s: float, ledger: Ledger, blocking: Blocking[Any],
-                 buffer_bytes: int, check_s: float = 0.5, max_connections: int = 8):
+                 buffer_bytes: int, check_s: float = 0.5, max_connections: int = 8,
+                 watched_jobs: Gauge | None = None):
         self.ledger = ledger
+        self.watched_jobs = watched_jobs  # set to len(feeds) as it changes
         self.blocking = blocking
         self.buffer_bytes = buffer_bytes
         self.check_s = check_s
@@ -170,7 +173,8 @@ class EventHub:
         self._reader = aioredis.Redis.from_url(url, socket_timeout=check_s + timeout_s,
                                                socket_connect_timeout=min(timeout_s, 1.0),
                                                single_connection_client=True)
-        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=timeout_s,
+        # A burst of joining watchers waits its turn for one of them (timeout=None): never "Redis down".
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=None,
                                                         socket_timeout=timeout_s,
                                                         socket_connect_timeout=min(timeout_s, 1.0))
         self.conn = aioredis.Redis(connection_pool=pool)
@@ -251,6 +255,7 @@ class EventHub:
                 return events  # the hub has read further meanwhile: read that too, then attach
         if feed is None:
             feed = self.feeds[watcher.job_id] = Feed(watcher.job_id, cursor=seen)
+            self._count_feeds()
             self._wake_reader()
         feed.watchers.add(watcher)
         watcher.feed = feed
@@ -268,6 +273,11 @@ class EventHub:
         feed.watchers.discard(watcher)
         if not feed.watchers and self.feeds.get(feed.job_id) is feed:
             del self.feeds[feed.job_id]
+            self._count_feeds()
+
+    def _count_feeds(self) -> None:
+        if self.watched_jobs is not None:
+            self.watched_jobs.set(len(self.feeds))
 
     # -- the reader --------------------------------------------------------------------------------
 

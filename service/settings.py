@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from contract.settings import CommonSettings, split_list
@@ -16,15 +16,19 @@ class GatewaySettings(CommonSettings):
     port: int = 8000
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="accepted bearer tokens; empty = no authentication")
-    max_queued_nfe: int = Field(default=200_000, gt=0, description="queued work (NFE) above which jobs get 429")
+    max_queued_nfe: int = Field(default=200_000, gt=0, description="queued work (NFE) that admitting a job may not "
+                                "exceed (429 with Retry-After); NFE leave the queue when a worker claims the job")
+    max_job_nfe: int | None = Field(default=None, gt=0, description="work (NFE) one request may ask for, at most "
+                                    "(422 naming seeds, count or num_steps); unset = max_queued_nfe, the largest job "
+                                    "the queue can ever admit; at most max_queued_nfe")
     sync_timeout_s: float = Field(default=60.0, gt=0, description="how long POST /v1/generate waits")
     max_body_bytes: int = Field(default=64 * 1024, gt=0)
     max_images: int = Field(default=256, gt=0, description="seeds per request")
     max_steps: int = Field(default=1000, ge=2, description="num_steps per request")
     idempotency_ttl_s: int = Field(default=86400, gt=0)
-    blocking_threads: int = Field(default=32, gt=0, description="threads for the short blocking work of requests "
+    blocking_threads: int = Field(default=16, gt=0, description="threads for the short blocking work of requests "
                                   "(Redis reads and writes); waiting for jobs and events takes none")
-    redis_max_connections: int = Field(default=96, gt=0, description="Redis connections for that work, at most (a "
+    redis_max_connections: int = Field(default=48, gt=0, description="Redis connections for that work, at most (a "
                                        "request waits for a free one); the event hub and the probes have their own")
     max_streams: int = Field(default=4096, gt=0, description="open event streams (SSE and gRPC WatchJob / "
                              "GenerateStream) together; more get 429 / RESOURCE_EXHAUSTED")
@@ -42,3 +46,22 @@ class GatewaySettings(CommonSettings):
                                         "health) is re-checked, on a Redis connection of its own")
 
     _split_keys = field_validator("api_keys", mode="before")(split_list)
+
+    @model_validator(mode="after")
+    def _pool_fits_the_threads(self) -> GatewaySettings:
+        if self.redis_max_connections < 2 * self.blocking_threads + 1:  # a thread may hold two at once
+            raise ValueError(f"redis_max_connections ({self.redis_max_connections}) must be above twice "
+                             f"blocking_threads ({self.blocking_threads})")
+        return self
+
+    @model_validator(mode="after")
+    def _job_fits_the_queue(self) -> GatewaySettings:
+        if self.max_job_nfe is not None and self.max_job_nfe > self.max_queued_nfe:
+            raise ValueError(f"max_job_nfe ({self.max_job_nfe}) is above max_queued_nfe ({self.max_queued_nfe}): "
+                             "a job that large could never be admitted")
+        return self
+
+    @property
+    def job_nfe_limit(self) -> int:
+        """The per-request work limit in force (max_job_nfe, else max_queued_nfe)."""
+        return self.max_job_nfe if self.max_job_nfe is not None else self.max_queued_nfe

@@ -74,7 +74,7 @@ def stack(redis_server: RedisServer, model_path: Path,  # noqa: F811
     conn = redis.Redis.from_url(url)
     conn.flushdb()
     port = free_port()
-    env = stack_env(url, {MODEL: model_path}, EDM_GRPC_PORT=port, EDM_GRPC_HEALTH_INTERVAL_S=0.2)
+    env = stack_env(url, {MODEL: model_path}, EDM_GRPC_PORT=port, EDM_READINESS_INTERVAL_S=0.2)
     worker = spawn_worker(env, logs / "worker.log")
     gateway, http_url = start_gateway(env, logs / "gateway.log")
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")

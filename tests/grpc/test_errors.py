@@ -123,7 +123,7 @@ def locked(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     server = RedisServer(folder).start()
     port = free_port()
     env = stack_env(server.url, {MODEL: model_path}, EDM_GRPC_PORT=port, EDM_API_KEYS="alpha,beta",
-                    EDM_MAX_QUEUED_NFE=80, EDM_GRPC_HEALTH_INTERVAL_S=0.1)
+                    EDM_MAX_QUEUED_NFE=80, EDM_READINESS_INTERVAL_S=0.1)
     gateway, url = start_gateway(env, folder / "gateway.log")
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
