@@ -10,7 +10,6 @@ worker/queue.py). Beside RQ's keys, per job:
                       claim + holder (fencing, below), event_bytes (contract/events.py)
     edm:png:{id}:{k}  PNG bytes of image k
     edm:images:{id}   hash: k -> ImageInfo JSON of each image stored so far (a rerun skips them)
-    edm:done:{id}     list: one element pushed when the job reaches a terminal state
 
 and globally: edm:queued_nfe (NFE of queued jobs),
 edm:workers + edm:hb:{worker} (heartbeats), edm:claimed:{worker} (ids a worker holds),
@@ -74,10 +73,6 @@ class Keys:
     @staticmethod
     def images(job_id: str) -> str:
         return f"edm:images:{job_id}"
-
-    @staticmethod
-    def done(job_id: str) -> str:
-        return f"edm:done:{job_id}"
 
     @staticmethod
     def claimed(worker_id: str) -> str:
@@ -155,8 +150,6 @@ def finish(conn: redis.Redis, pipe: Any, outcomes: list[Outcome], *, result_ttl:
         pipe.hdel(Keys.job(job_id), HOLDER)
         for key in (Keys.job(job_id), Keys.rq_job(job_id), Keys.images(job_id)):
             pipe.expire(key, ttl)
-        pipe.rpush(Keys.done(job_id), outcome.status.value)
-        pipe.expire(Keys.done(job_id), 60)
 
 
 def _finish_rq_job(pipe: Any, job: Job, outcome: Outcome, now: float, ttl: int, error: str, worker: str) -> None:

@@ -178,7 +178,7 @@ def test_up_restarts_its_redis_after_kill_9_under_load_and_every_job_succeeds(
         ids = [client.post("/v1/jobs", json={**body, "seeds": [k, k + 100]}).json()["id"] for k in range(12)]
         wait_until(lambda: client.get(f"/v1/jobs/{ids[0]}").json()["status"] == "running", 30)
         pid = int(conn.info("server")["process_id"])
-        unfinished = len(ids) - sum(conn.exists(Keys.done(job_id)) for job_id in ids)
+        unfinished = len(ids) - sum(conn.hexists(Keys.job(job_id), "finished") for job_id in ids)
         os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
         wait_until(lambda: _answers(conn) and int(conn.info("server")["process_id"]) != pid, 30)

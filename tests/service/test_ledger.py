@@ -41,7 +41,7 @@ def test_cancel_of_a_queued_job_is_all_or_nothing(redis_conn: redis.Redis, monke
     assert ledger.status(job_id) is JobStatus.queued
     assert ledger.cancel(job_id) is JobStatus.cancelled  # the client's retry works
     assert ledger.status(job_id) is JobStatus.cancelled and ledger.queued_nfe() == 0
-    assert redis_conn.llen(Keys.queue(MODEL)) == 0 and redis_conn.exists(Keys.done(job_id)) == 1
+    assert redis_conn.llen(Keys.queue(MODEL)) == 0 and redis_conn.hexists(Keys.job(job_id), "finished")
 
 
 def test_concurrent_requests_with_one_idempotency_key_make_one_job(redis_conn: redis.Redis, redis_server: Any,
