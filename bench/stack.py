@@ -97,7 +97,7 @@ class Stack:
                "EDM_DEVICE": self.device, "EDM_DTYPE": self.dtype, "EDM_LOG_LEVEL": "WARNING",
                # the load generator, not the gateway's limits, decides how much work is in flight:
                "EDM_MAX_IMAGES": str(self.max_images), "EDM_MAX_QUEUED_NFE": str(10**9),
-               "EDM_SYNC_TIMEOUT_S": "900", "EDM_HTTP_THREADS": "1024"}
+               "EDM_SYNC_TIMEOUT_S": "900"}
         cli = [sys.executable, "-m", "service.cli"]
         for name, extra in (("worker", []), ("gateway", ["--port", str(self.port)])):
             log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 (the child holds it)
