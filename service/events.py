@@ -379,7 +379,8 @@ class EventHub:
             replies = await pipe.execute()
         statuses = [None if raw is None else STATUS_OF_RQ[RQStatus(text(raw))] for raw in replies[0::2]]
         waiting = [(feed, text(model)) for feed, status, model in zip(due, statuses, replies[1::2], strict=True)
-                   if status is JobStatus.queued and model is not None and not feed.started]
+                   if status is JobStatus.queued and model is not None and not feed.started
+                   and not all(watcher.terminal_only for watcher in feed.watchers)]  # someone wants positions
         if waiting:
             async with self.conn.pipeline(transaction=False) as pipe:
                 for feed, model in waiting:

@@ -34,7 +34,7 @@ from service.deps import (
     blocking,
 )
 from service.errors import Problem
-from service.events import EventHub
+from service.events import EventHub, HubClosed
 from service.jobs import abandon, admit, job_url, job_view, resolve_request, visible_record
 from service.ledger import JobRecord, Ledger
 from service.schemas import GeneratedImageJSON, GenerateRequest, GenerateResponse
@@ -89,7 +89,11 @@ async def _wait_or_leave(hub: EventHub, job_id: str, timeout_s: float, request: 
         return waiting.result()
     if leaving.done() and not leaving.cancelled():
         return None
-    return waiting.result()  # raises what the wait raised (e.g. Redis unreachable)
+    try:
+        return waiting.result()  # raises what the wait raised (e.g. Redis unreachable)
+    except HubClosed:
+        raise Problem(503, f"the gateway is shutting down; job {job_id} goes on", job_id=job_id,
+                      headers={"Retry-After": "1", "Location": job_url(job_id)}) from None
 
 
 async def _disconnected(request: Request) -> None:
