@@ -39,6 +39,7 @@ job's x0 previews no longer fit in its event stream's bound, none are made for i
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,6 +64,10 @@ from worker.runner import State, Worker
 from worker.writer import Writer
 
 log = logging.getLogger("worker.stepper")
+
+# nfe_per_s (the heartbeat's, for the gateway's Retry-After) is the rate over about this much of the
+# latest busy time, the loop's work between passes included: how fast this worker drains the queue.
+RATE_WINDOW_S = 10.0
 
 
 @dataclass
@@ -110,6 +115,8 @@ class StepWorker(Worker):
         self._last_report = 0.0
         self._cohort_seq = 0
         self._flagged: set[str] = set()  # cancellation flags read by the writer's progress reports
+        self._rate_nfe = self._rate_s = 0.0  # evaluations and busy seconds, decayed over RATE_WINDOW_S
+        self._rate_mark: float | None = None  # end of the last pass, unless the worker was idle since
 
     # lifecycle
 
@@ -179,6 +186,7 @@ class StepWorker(Worker):
             self.state = State.idle
             self._set_busy(0)
             self.last_pass_at = time.monotonic()  # idle is not hung: the clock starts with the next work
+            self._rate_mark = None  # waiting for work is not part of the rate
             if not self.flights and not draining:
                 self._reconcile()
                 self._adopt(self._wait_for_work())
@@ -311,8 +319,13 @@ class StepWorker(Worker):
         self.metrics.padded_rows.labels(model).inc(report.rows_padded)
         self.metrics.pass_seconds.labels(model).observe(elapsed)
         self.metrics.nfe.labels(model).inc(report.rows_used)
-        rate = report.rows_used / max(elapsed, 1e-9)
-        self.nfe_per_s = rate if not self.nfe_per_s else 0.9 * self.nfe_per_s + 0.1 * rate
+        now = time.perf_counter()
+        busy_s = elapsed if self._rate_mark is None else now - self._rate_mark
+        self._rate_mark = now
+        decay = math.exp(-busy_s / RATE_WINDOW_S)
+        self._rate_nfe = self._rate_nfe * decay + report.rows_used
+        self._rate_s = self._rate_s * decay + busy_s
+        self.nfe_per_s = self._rate_nfe / max(self._rate_s, 1e-9)
 
     # results
 
