@@ -6,16 +6,21 @@ import hashlib
 import logging
 import math
 
-from contract.jobs import JobSpec, JobStatus
+from contract.jobs import JobSpec, JobStatus, WorkerInfo
 from service.catalog import Catalog
-from service.errors import Problem
-from service.ledger import IdempotencyConflict, JobRecord, Ledger
+from service.errors import Problem, invalid
+from service.ledger import IdempotencyConflict, JobRecord, Ledger, QueueFull
 from service.metrics import GatewayMetrics
 from service.schemas import GenerateRequest, ImageView, JobView, Timings
 from service.settings import GatewaySettings
 from service.validation import resolve
 
 log = logging.getLogger("service.jobs")
+
+# Retry-After of a 429 while no live worker reports a measured rate (none alive, or none has run a pass yet).
+RETRY_AFTER_UNKNOWN_S = 5
+# Retry-After is at most this: past an hour a client had better look again than trust the estimate.
+RETRY_AFTER_MAX_S = 3600
 
 
 def resolve_request(req: GenerateRequest, settings: GatewaySettings, ledger: Ledger, catalog: Catalog) -> JobSpec:
@@ -32,8 +37,11 @@ def resolve_request(req: GenerateRequest, settings: GatewaySettings, ledger: Led
 
 def admit(spec: JobSpec, owner: str, *, settings: GatewaySettings, ledger: Ledger, metrics: GatewayMetrics,
           idempotency_key: str | None, body: GenerateRequest, preview_every: int = 0) -> tuple[str, bool]:
-    """Enqueue unless the queue is full (429 with Retry-After); returns (job id, created). A replayed
-    Idempotency-Key returns its job first, whatever the queue holds. `preview_every`: see Ledger.submit."""
+    """Enqueue the job; returns (job id, created). A replayed Idempotency-Key returns its job first,
+    whatever the queue holds. Otherwise a job above the per-request limit is a 422 naming the field to
+    change, and one that would put the queued work above EDM_MAX_QUEUED_NFE a 429 with Retry-After
+    (checked and queued in one transaction: concurrent requests cannot all pass). `preview_every`:
+    see Ledger.submit."""
     body_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
     try:
         replayed = None if idempotency_key is None else ledger.replay(owner, idempotency_key, body_hash)
@@ -42,24 +50,54 @@ def admit(spec: JobSpec, owner: str, *, settings: GatewaySettings, ledger: Ledge
     if replayed is not None:
         log.info("job replayed (Idempotency-Key)", extra={"job_id": replayed, "model": spec.model})
         return replayed, False
-    queued = ledger.queued_nfe()
-    if queued > 0 and queued + spec.nfe_total > settings.max_queued_nfe:
-        metrics.jobs.labels(spec.model, "rejected").inc()
-        rate = sum(w.nfe_per_s for w in ledger.live_workers())
-        excess = queued + spec.nfe_total - settings.max_queued_nfe
-        wait = 5 if rate <= 0 else min(3600, max(1, math.ceil(excess / rate)))
-        raise Problem(429, f"the queue holds {queued} network evaluations (limit {settings.max_queued_nfe}); "
-                      f"retry in about {wait} s", headers={"Retry-After": str(wait)}, queued_nfe=queued)
+    check_job_size(spec, body, settings.job_nfe_limit)
     try:
         job_id, created = ledger.submit(spec, owner, idempotency_key=idempotency_key, body_hash=body_hash,
-                                        preview_every=preview_every)
+                                        preview_every=preview_every, max_queued_nfe=settings.max_queued_nfe)
     except IdempotencyConflict:
         raise _key_conflict() from None
+    except QueueFull as full:
+        metrics.jobs.labels(spec.model, "rejected").inc()
+        raise _queue_full(full, spec.nfe_total, ledger) from None
     if created:
         metrics.jobs_submitted.labels(spec.model).inc()
     log.info("job %s", "accepted" if created else "replayed (Idempotency-Key)",
              extra={"job_id": job_id, "model": spec.model, "images": spec.num_images, "nfe": spec.nfe_total})
     return job_id, created
+
+
+def check_job_size(spec: JobSpec, body: GenerateRequest, limit: int) -> None:
+    """422 for a job whose network evaluations (images x NFE per image) exceed the per-request limit,
+    naming num_steps when one image alone is too much, else the field that gave the images."""
+    per_image = spec.sampler.nfe_per_image
+    if spec.nfe_total <= limit:
+        return
+    if per_image > limit:
+        raise invalid("num_steps", f"one image at {spec.sampler.num_steps} steps takes {per_image} network "
+                      f"evaluations, above the limit of {limit} per request; use fewer steps")
+    field = "count" if body.seeds is None and body.count is not None else "seeds"
+    raise invalid(field, f"{spec.num_images} images x {per_image} network evaluations = {spec.nfe_total}, above "
+                  f"the limit of {limit} per request: at most {limit // per_image} images at these settings")
+
+
+def retry_after_s(excess_nfe: int, workers: list[WorkerInfo]) -> int:
+    """Seconds until the workers' measured rate (the sum of their heartbeats' nfe_per_s) has taken
+    `excess_nfe` off the queue: ceil(excess / rate), at least 1 and at most RETRY_AFTER_MAX_S;
+    RETRY_AFTER_UNKNOWN_S while no worker has measured a rate yet (or none is alive)."""
+    rate = sum(w.nfe_per_s for w in workers)
+    if rate <= 0:
+        return RETRY_AFTER_UNKNOWN_S
+    return min(RETRY_AFTER_MAX_S, max(1, math.ceil(excess_nfe / rate)))
+
+
+def _queue_full(full: QueueFull, nfe: int, ledger: Ledger) -> Problem:
+    workers = ledger.live_workers()
+    wait = retry_after_s(full.queued + nfe - full.limit, workers)
+    rate = sum(w.nfe_per_s for w in workers)
+    pace = f"the workers take {rate:g} per second" if rate > 0 else "the workers' rate is not measured yet"
+    return Problem(429, f"the queue holds {full.queued} network evaluations and this job needs {nfe} (limit "
+                   f"{full.limit}); {pace}: retry in about {wait} s", headers={"Retry-After": str(wait)},
+                   queued_nfe=full.queued)
 
 
 def _key_conflict() -> Problem:

@@ -53,6 +53,15 @@ class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with a different request body."""
 
 
+class QueueFull(Exception):
+    """Admitting the job would put the queued work above the limit: `queued` NFE are queued now."""
+
+    def __init__(self, queued: int, limit: int):
+        super().__init__(f"{queued} NFE queued, limit {limit}")
+        self.queued = queued
+        self.limit = limit
+
+
 def _float(value: Any) -> float | None:
     return float(value) if value not in (None, b"", "") else None
 
@@ -82,34 +91,40 @@ class Ledger:
     # submission
 
     def submit(self, spec: JobSpec, owner: str, *, idempotency_key: str | None = None,
-               body_hash: str = "", preview_every: int = 0) -> tuple[str, bool]:
+               body_hash: str = "", preview_every: int = 0, max_queued_nfe: int | None = None) -> tuple[str, bool]:
         """Enqueue a job; returns (job id, created). An Idempotency-Key seen before returns its job.
 
-        The key is set in the same transaction as the job (WATCHed), so a key never names a job
-        that is still being created: two concurrent requests with one key make one job.
+        One optimistic transaction: the key (if any) and edm:queued_nfe (if `max_queued_nfe` is given)
+        are WATCHed and read, then the job is written in MULTI; if either changed meanwhile, the whole
+        thing is done again from the reads. So a key never names a job that is still being created (two
+        concurrent requests with one key make one job), a key seen before returns its job before the
+        limit is looked at, and the queued work after the job is admitted is never above
+        `max_queued_nfe` whatever runs concurrently (QueueFull instead; its NFE came from the same read).
         `preview_every` (k > 0: x0 previews with every k-th evaluation) is written in that transaction
         too: a worker may claim the job at once and reads it then."""
-        if idempotency_key is None:
-            job_id = new_job_id()
-            with self.conn.pipeline() as pipe:
-                self._enqueue(pipe, spec, owner, job_id, preview_every)
-                pipe.execute()
-            return job_id, True
-        rkey = Keys.idempotency(owner, idempotency_key)
+        rkey = None if idempotency_key is None else Keys.idempotency(owner, idempotency_key)
+        watched = [key for key in (rkey, None if max_queued_nfe is None else Keys.QUEUED_NFE) if key is not None]
         while True:
             with self.conn.pipeline() as pipe:
                 try:
-                    pipe.watch(rkey)
-                    existing = self._job_of_key(pipe, rkey, idempotency_key, body_hash)
-                    if existing is not None:
-                        return existing, False
+                    if watched:
+                        pipe.watch(*watched)
+                    if rkey is not None:
+                        existing = self._job_of_key(pipe, rkey, str(idempotency_key), body_hash)
+                        if existing is not None:
+                            return existing, False
+                    if max_queued_nfe is not None:
+                        queued = int(pipe.get(Keys.QUEUED_NFE) or 0)
+                        if queued + spec.nfe_total > max_queued_nfe:
+                            raise QueueFull(queued, max_queued_nfe)
                     job_id = new_job_id()
                     pipe.multi()
                     self._enqueue(pipe, spec, owner, job_id, preview_every)
-                    pipe.set(rkey, json.dumps({"job": job_id, "body": body_hash}), ex=self.idempotency_ttl_s)
+                    if rkey is not None:
+                        pipe.set(rkey, json.dumps({"job": job_id, "body": body_hash}), ex=self.idempotency_ttl_s)
                     pipe.execute()
                     return job_id, True
-                except WatchError:  # another request took the key meanwhile: its job exists now
+                except WatchError:  # a job was queued, claimed or cancelled, or the key taken: read again
                     continue
 
     def _enqueue(self, pipe: Any, spec: JobSpec, owner: str, job_id: str, preview_every: int = 0) -> None:
