@@ -15,6 +15,7 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import OutOfMemoryError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contract import logs
@@ -119,7 +120,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(redis.RedisError)
     async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
         log.warning("redis unavailable: %s", exc)
-        problem = Problem(503, "the job store (Redis) is unreachable; retry shortly",
-                          title="Service Unavailable", type_="urn:edm-serve:problem:store-unavailable",
+        detail = "the job store (Redis) is unreachable; retry shortly"
+        if isinstance(exc, OutOfMemoryError):  # maxmemory reached under noeviction: it refuses writes, loses nothing
+            detail = "the job store (Redis) is full and refuses new work until results expire; retry later"
+        problem = Problem(503, detail, title="Service Unavailable", type_="urn:edm-serve:problem:store-unavailable",
                           headers={"Retry-After": "1"})
         return problem_response(problem, request)

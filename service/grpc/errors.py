@@ -10,6 +10,7 @@ from __future__ import annotations
 import grpc
 import redis
 from pydantic import ValidationError
+from redis.exceptions import OutOfMemoryError
 
 from service.errors import Problem
 from service.grpc.convert import InvalidField, grpc_field, validation_error
@@ -52,8 +53,10 @@ def to_failure(error: Exception) -> RpcFailure | None:
     if isinstance(error, Problem):
         return _from_problem(error)
     if isinstance(error, redis.RedisError):
-        return RpcFailure(grpc.StatusCode.UNAVAILABLE, "the job store (Redis) is unreachable; retry shortly",
-                          trailers=(("retry-after", "1"),))
+        full = isinstance(error, OutOfMemoryError)  # maxmemory reached under noeviction (see service/errors.py)
+        return RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED if full else grpc.StatusCode.UNAVAILABLE,
+                          "the job store (Redis) is full; retry later" if full
+                          else "the job store (Redis) is unreachable; retry shortly", trailers=(("retry-after", "1"),))
     return None
 
 

@@ -327,3 +327,15 @@ def test_card_published_by_a_worker_serves_a_pickled_model(gateway: Start, redis
     assert client.post("/v1/jobs", json={"model": "nv", "seeds": [1]}).status_code == 202
     listed = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
     assert listed["nv"]["format"] == "nvlabs-pickle" and listed["nv"]["card"]["name"] == "tiny"
+
+
+def test_a_full_redis_is_reported_as_full_not_unreachable(gateway: Start, redis_conn: redis.Redis) -> None:
+    client = gateway()
+    redis_conn.config_set("maxmemory-policy", "noeviction")
+    redis_conn.config_set("maxmemory", "1")  # below what it holds: every write is refused (OOM)
+    try:
+        response = client.post("/v1/jobs", json={"seeds": [1], "num_steps": 4})
+    finally:
+        redis_conn.config_set("maxmemory", "0")
+    problem = assert_problem(response, 503)
+    assert "full" in problem["detail"] and "unreachable" not in problem["detail"]
