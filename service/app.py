@@ -69,7 +69,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         if settings.grpc_port is not None:
             from service.grpc.server import GrpcServer  # grpc is imported only by a gateway that serves it
 
-            grpc_server = await GrpcServer(state).start()
+            grpc_server = state.grpc_server = await GrpcServer(state).start()
         log.info("gateway ready", extra={"models": list(catalog.models), "redis": _redacted(settings.redis_url)})
         try:
             yield
@@ -91,6 +91,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.catalog = catalog
     app.state.ledger = None
     app.state.probe_ledger = None
+    app.state.hub = None
+    app.state.grpc_server = None
     app.state.key_hashes = frozenset(key_hash(k) for k in settings.api_keys)
     app.state.metrics = metrics = GatewayMetrics(lambda: app.state.probe_ledger, list(catalog.models))
     app.state.streams = Capacity("open event streams", settings.max_streams, metrics.open_streams)
@@ -102,6 +104,16 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes,
                        body_timeout_s=settings.body_timeout_s)
     return app
+
+
+async def release_waiting(app: FastAPI) -> None:
+    """The first step of a shutdown, before the server waits for open requests to end: every waiting
+    request and stream ends now (sync requests with 503 and their job's Location, streams so that
+    clients resume elsewhere), and calls that end from now on cancel no job."""
+    if app.state.grpc_server is not None:
+        app.state.grpc_server.begin_stop()
+    if app.state.hub is not None:
+        await app.state.hub.close()
 
 
 def _redacted(url: str) -> str:

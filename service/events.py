@@ -192,7 +192,9 @@ class EventHub:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="event-hub")
 
     async def close(self) -> None:
-        """Every watcher's next() raises HubClosed; the hub's connections close."""
+        """Every watcher's next() raises HubClosed; the hub's connections close. Idempotent."""
+        if self.closed:
+            return
         self.closed = True
         for feed in list(self.feeds.values()):
             for watcher in list(feed.watchers):

@@ -6,11 +6,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from contract.logs import setup_logging
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, with a first step to its shutdown: uvicorn waits a few seconds for open
+    requests, then cancels them with a bare 500; the gateway instead ends its waiting requests and
+    streams at once, each with an answer (service/app.py release_waiting)."""
+
+    def __init__(self, config: uvicorn.Config, before_shutdown: Callable[[], Awaitable[None]]):
+        super().__init__(config)
+        self.before_shutdown = before_shutdown
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await self.before_shutdown()
+        await super().shutdown(sockets)
 
 
 def header_deadline(timeout_s: float) -> type[asyncio.Protocol]:
@@ -64,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc-port", type=int, help="gRPC port, 0 = any free one [EDM_GRPC_PORT, default: no gRPC]")
     args = parser.parse_args(argv)
 
-    import uvicorn
-
-    from service.app import create_app
+    from service.app import create_app, release_waiting
     from service.settings import GatewaySettings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "redis_url": args.redis_url,
@@ -74,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = GatewaySettings(**overrides)
     setup_logging("gateway", settings.log_level)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=5, http=header_deadline(settings.header_timeout_s))
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=5, http=header_deadline(settings.header_timeout_s))
+    GatewayServer(config, before_shutdown=lambda: release_waiting(app)).run()
     return 0

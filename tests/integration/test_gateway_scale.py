@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -230,3 +232,21 @@ def test_health_stays_serving_over_grpc_while_hundreds_of_streams_are_open(stack
     assert set(asyncio.run(run())) == {health_pb2.HealthCheckResponse.SERVING}
     wait_until(lambda: stack.gauge("edm_gateway_open_streams") == 0, 5)
     httpx.post(f"{stack.url}/v1/jobs/{job_id}/cancel", timeout=10)
+
+
+def test_a_gateway_that_stops_answers_its_waiting_requests(stack: Stack) -> None:
+    """uvicorn alone would cancel them after its grace period with a bare 500; the gateway ends them first."""
+    def generate() -> httpx.Response:
+        return httpx.post(stack.url + "/v1/generate", json={"seeds": list(range(16)), "num_steps": 1000},
+                          headers={"Accept": "application/json"}, timeout=30)
+
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(generate)
+        wait_until(lambda: stack.gauge("edm_gateway_waiting_requests") == 1, 10)
+        stack.gateway.proc.send_signal(signal.SIGTERM)
+        response = waiting.result(timeout=20)
+    assert response.status_code == 503 and response.headers["content-type"] == "application/problem+json"
+    job_id = response.json()["job_id"]
+    assert response.headers["location"] == f"/v1/jobs/{job_id}" and "goes on" in response.json()["detail"]
+    assert stack.conn.hget(f"edm:job:{job_id}", "cancel") == b"0"  # the gateway's end cancels nothing
+    stack.gateway.proc.wait(15)
