@@ -76,8 +76,10 @@ def cli_sample(model: Path, seeds: str, outdir: Path, *extra: str) -> None:
 
 def test_ready_and_models(stack: Stack) -> None:
     with stack.client() as client:
-        ready = client.get("/readyz")
-        assert ready.status_code == 200 and ready.json()["workers"] == {"tiny": 2}
+        # readiness is re-checked every EDM_READINESS_INTERVAL_S: the second worker shows within that
+        ready = wait_until(lambda: (r := client.get("/readyz")).status_code == 200
+                           and r.json()["workers"] == {"tiny": 2} and r, 5)
+        assert ready.json()["status"] == "ready"
 
 
 def test_service_adds_no_drift(stack: Stack, tiny_model: Path, tmp_path: Path) -> None:
