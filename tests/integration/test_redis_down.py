@@ -20,6 +20,8 @@ def test_gateway_503_while_redis_is_down_then_recovers(tiny_model: Path, tmp_pat
     try:
         assert client.post("/v1/jobs", json={"seeds": [1]}).status_code == 202
         server.stop()
+        # Readiness follows within one check (EDM_READINESS_INTERVAL_S, 0.5 s), on a connection of its own.
+        wait_until(lambda: client.get("/readyz").status_code == 503, 3)
         for method, path in (("POST", "/v1/jobs"), ("POST", "/v1/generate"), ("GET", "/v1/jobs/" + "a" * 24),
                              ("GET", "/readyz")):
             started = time.monotonic()
