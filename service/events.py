@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -52,6 +52,33 @@ def stream_order(stream_id: str) -> tuple[int, int]:
 
 def expired(job_id: str) -> JobEvent:
     return JobEvent("error", job_id, {"status": "failed", "message": "the job expired"})
+
+
+class Encodings:
+    """What an event looks like on the wire (SSE text, a gRPC message), made once however many
+    watchers send it: a least-recently-used cache keyed by (format, job, stream id), bounded in bytes.
+    Events without a stream id (derived ones) are encoded each time."""
+
+    def __init__(self, max_bytes: int = 64 << 20):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[str, str, str], tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, form: str, event: JobEvent, encode: Callable[[JobEvent], T], size: Callable[[T], int]) -> T:
+        if not event.id:
+            return encode(event)
+        key = (form, event.job_id, event.id)
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key][0]  # type: ignore[no-any-return]
+        value = encode(event)
+        cost = size(value)
+        self._items[key] = (value, cost)
+        self._bytes += cost
+        while self._bytes > self.max_bytes and len(self._items) > 1:
+            _, (_, dropped) = self._items.popitem(last=False)
+            self._bytes -= dropped
+        return value
 
 
 class HubClosed(Exception):
@@ -179,6 +206,7 @@ class EventHub:
                                                         socket_connect_timeout=min(timeout_s, 1.0))
         self.conn = aioredis.Redis(connection_pool=pool)
         self.feeds: dict[str, Feed] = {}
+        self.encodings = Encodings()
         self.closed = False
         self._changed = asyncio.Event()
         self._reading = False  # the reader is inside a blocking XREAD

@@ -39,6 +39,14 @@ log = logging.getLogger("service.grpc")
 _STREAM_ID = re.compile(r"^\d+(-\d+)?$")
 
 
+def _watch_response(event: JobEvent) -> Any:
+    return service_pb2.WatchJobResponse(event=convert.event(event))
+
+
+def _message_size(message: Any) -> int:
+    return int(message.ByteSize())
+
+
 class Servicer(service_grpc.GenerationServiceServicer):
     """Reads the gateway's app.state (settings, catalog, metrics, key_hashes, ledger, hub), like the routes."""
 
@@ -91,7 +99,7 @@ class Servicer(service_grpc.GenerationServiceServicer):
             async for event in self._events(job_id, ""):
                 if event.terminal:
                     ended.set()
-                yield service_pb2.GenerateStreamResponse(event=convert.event(event))
+                yield service_pb2.GenerateStreamResponse(event=convert.event(event))  # one watcher per job
 
     async def WatchJob(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         owner = self._owner(context)
@@ -100,8 +108,9 @@ class Servicer(service_grpc.GenerationServiceServicer):
         ledger = self.ledger
         await blocking(lambda: check_owner(ledger, known_job_id(request.job_id), owner))
         with self.state.streams.take():
+            encodings = self.state.hub.encodings
             async for event in self._events(request.job_id, request.after_event_id):
-                yield service_pb2.WatchJobResponse(event=convert.event(event))
+                yield encodings.get("grpc-watch", event, _watch_response, _message_size)
 
     # jobs and models
 

@@ -27,7 +27,7 @@ from contract.events import JobEvent
 from service.capacity import Slot
 from service.deps import HubDep, LedgerDep, OwnerDep, StreamsDep, blocking
 from service.errors import invalid
-from service.events import HubClosed, Watcher, stream_order
+from service.events import Encodings, HubClosed, Watcher, stream_order
 from service.jobs import check_owner
 from service.schemas import JobId
 from service.validation import known_job_id
@@ -54,15 +54,15 @@ async def job_events(job_id: JobId, ledger: LedgerDep, hub: HubDep, streams: Str
         last = await hub.last_event(job_id)
         if last is not None and last.terminal and stream_order(last.id) <= stream_order(resume):
             return Response(status_code=204)
-    return EventStream(hub.watch(job_id, after=resume), streams.take())
+    return EventStream(hub.watch(job_id, after=resume), streams.take(), hub.encodings)
 
 
 class EventStream(StreamingResponse):
     """The stream of one watcher; whichever way the response ends (done, client gone, shutdown, or
     before it started), the watcher and its place in EDM_MAX_STREAMS are released."""
 
-    def __init__(self, watcher: Watcher, slot: Slot):
-        super().__init__(_stream(watcher), media_type="text/event-stream",
+    def __init__(self, watcher: Watcher, slot: Slot, encodings: Encodings):
+        super().__init__(_stream(watcher, encodings), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.watcher = watcher
         self.slot = slot
@@ -75,7 +75,7 @@ class EventStream(StreamingResponse):
             self.slot.release()
 
 
-async def _stream(watcher: Watcher) -> AsyncIterator[str]:
+async def _stream(watcher: Watcher, encodings: Encodings) -> AsyncIterator[str]:
     """The job's events until its last; a keep-alive comment when nothing came for KEEPALIVE_S. Ends
     early when Redis is unreachable or the gateway stops: the client resumes with Last-Event-ID."""
     try:
@@ -84,7 +84,7 @@ async def _stream(watcher: Watcher) -> AsyncIterator[str]:
             if not events and not watcher.finished:
                 yield ": keep-alive\n\n"
             for event in events:
-                yield sse(event)
+                yield encodings.get("sse", event, sse, len)
     except redis.RedisError as error:
         log.warning("event stream ended, Redis unavailable: %s", error, extra={"job_id": watcher.job_id})
     except HubClosed:

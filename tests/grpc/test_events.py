@@ -15,7 +15,7 @@ from contract.ledger import Outcome
 from model.generate import EvalEvent
 from model.images import decode_png, to_pixels
 from service.deps import blocking
-from service.events import EventHub, Watcher
+from service.events import Encodings, EventHub, Watcher
 from service.ledger import Ledger
 from tests.integration.servers import RedisServer
 from tests.worker.test_batcher import job
@@ -152,3 +152,24 @@ async def _slow_reader_test(book: Ledger, url: str, redis_conn: redis.Redis) -> 
 def test_a_slow_reader_is_bounded_and_loses_nothing(redis_conn: redis.Redis, redis_server: RedisServer) -> None:
     book = Ledger(redis_conn, result_ttl_s=60, failure_ttl_s=60)
     asyncio.run(_slow_reader_test(book, redis_server.url, redis_conn))
+
+
+def test_an_event_is_encoded_once_for_all_its_watchers_within_a_byte_bound() -> None:
+    calls: list[str] = []
+
+    def encode(event: JobEvent) -> str:
+        calls.append(event.id)
+        return "x" * 400
+
+    cache = Encodings(max_bytes=1000)
+    first, second, third = (JobEvent("progress", "j", {"nfe": k}, (), f"1-{k}") for k in range(3))
+    assert [cache.get("sse", first, encode, len) for _ in range(3)] == ["x" * 400] * 3
+    assert calls == ["1-0"]  # three watchers, one encoding
+    cache.get("sse", second, encode, len)
+    cache.get("sse", third, encode, len)  # 1,200 bytes: the least recently used one goes
+    cache.get("sse", first, encode, len)
+    assert calls == ["1-0", "1-1", "1-2", "1-0"]
+    derived = JobEvent("queued", "j", {"position": 1})  # no stream id: never cached
+    cache.get("sse", derived, encode, len)
+    cache.get("sse", derived, encode, len)
+    assert calls[-2:] == ["", ""]
