@@ -42,6 +42,7 @@ Blocking = Callable[[Callable[[], T]], Awaitable[T]]
 
 PAGE_ENTRIES = 16  # stream entries per catch-up read (entries with previews can be large)
 READ_ENTRIES = 64  # entries per job per hub read
+PAGE_CACHE_ENTRIES = 4096  # catch-up pages kept (and bounded in bytes too)
 EVENT_OVERHEAD_BYTES = 512  # what an event costs in a buffer beyond its PNGs
 
 
@@ -207,6 +208,10 @@ class EventHub:
         self.conn = aioredis.Redis(connection_pool=pool)
         self.feeds: dict[str, Feed] = {}
         self.encodings = Encodings()
+        self.page_cache_bytes = 64 << 20
+        self._pages: OrderedDict[tuple[str, str], asyncio.Future[list[JobEvent]]] = OrderedDict()
+        self._page_sizes: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._page_bytes = 0
         self.closed = False
         self._changed = asyncio.Event()
         self._reading = False  # the reader is inside a blocking XREAD
@@ -270,9 +275,7 @@ class EventHub:
             events: list[JobEvent] = []
             seen = watcher.last_id if last is None else last.id
         else:
-            reply: Any = await self.conn.xrange(events_key(watcher.job_id), min=f"({watcher.last_id}",
-                                                count=PAGE_ENTRIES)
-            events = await self._with_pngs([decode_entry(watcher.job_id, i, f) for i, f in reply])
+            events = await self._page(watcher.job_id, watcher.last_id)
             if len(events) == PAGE_ENTRIES:
                 return events  # more to read: the caller hands these out first
             seen = events[-1].id if events else watcher.last_id
@@ -295,6 +298,40 @@ class EventHub:
         elif feed.position is not None and not feed.started and not watcher.terminal_only:
             watcher.offer(JobEvent("queued", watcher.job_id, {"position": feed.position}))
         return events
+
+    async def _page(self, job_id: str, after: str) -> list[JobEvent]:
+        """Up to PAGE_ENTRIES events of a job's stream after `after`, read once for every watcher that
+        replays the same part: watchers that join a job together read the same pages, so a read in
+        flight is shared, and a full page is kept (entries never change) in an LRU of `page_cache_bytes`."""
+        key = (job_id, after)
+        page = self._pages.get(key)
+        if page is None:
+            page = self._pages[key] = asyncio.ensure_future(self._read_page(job_id, after))
+            while len(self._pages) > PAGE_CACHE_ENTRIES:  # reads whose every reader left: drop the oldest
+                oldest, _ = self._pages.popitem(last=False)
+                self._page_bytes -= self._page_sizes.pop(oldest, 0)
+        else:
+            self._pages.move_to_end(key)
+        try:
+            events = await asyncio.shield(page)
+        except BaseException:
+            if self._pages.get(key) is page and page.done():
+                del self._pages[key]
+            raise
+        if self._pages.get(key) is page and len(events) < PAGE_ENTRIES:
+            del self._pages[key]  # the live end of the stream: the next read may find more
+        elif key in self._pages and key not in self._page_sizes:
+            self._page_sizes[key] = sum(EVENT_OVERHEAD_BYTES + sum(len(f.png) for f in e.frames) for e in events)
+            self._page_bytes += self._page_sizes[key]
+            while self._page_bytes > self.page_cache_bytes and len(self._page_sizes) > 1:
+                oldest = next(iter(self._page_sizes))
+                self._page_bytes -= self._page_sizes.pop(oldest)
+                self._pages.pop(oldest, None)
+        return events
+
+    async def _read_page(self, job_id: str, after: str) -> list[JobEvent]:
+        reply: Any = await self.conn.xrange(events_key(job_id), min=f"({after}", count=PAGE_ENTRIES)
+        return await self._with_pngs([decode_entry(job_id, i, f) for i, f in reply])
 
     def detach(self, watcher: Watcher) -> None:
         feed, watcher.feed = watcher.feed, None

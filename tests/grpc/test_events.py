@@ -173,3 +173,34 @@ def test_an_event_is_encoded_once_for_all_its_watchers_within_a_byte_bound() -> 
     cache.get("sse", derived, encode, len)
     cache.get("sse", derived, encode, len)
     assert calls[-2:] == ["", ""]
+
+
+async def _joiners_test(book: Ledger, url: str, redis_conn: redis.Redis) -> None:
+    hub = EventHub(url, timeout_s=2.0, ledger=book, blocking=blocking, buffer_bytes=1 << 20, check_s=0.05)
+    hub.start()
+    try:
+        job_id = book.submit(spec(), "o")[0]
+        worker = WorkerQueue(redis_conn, "w1", result_ttl_s=60, failure_ttl_s=60, heartbeat_ttl_s=5, max_reruns=1)
+        (claimed,) = worker.claim("m", 1)
+        worker.mark_started(claimed)
+        for nfe in range(1, 61):
+            worker.publish_progress([(job_id, {"nfe": nfe}, [])])
+        worker.finish([Outcome(job_id, JobStatus.failed, error="stopped for the test")])
+        before = redis_conn.info("commandstats")["cmdstat_xrange"]["calls"]
+
+        async def replay() -> list[str]:
+            return [event.id async for event in _all(hub.watch(job_id))]
+
+        seen = await asyncio.gather(*(replay() for _ in range(50)))
+        reads = redis_conn.info("commandstats")["cmdstat_xrange"]["calls"] - before
+        stored = [entry[0].decode() for entry in redis_conn.xrange(events_key(job_id))]
+        assert all(ids == stored for ids in seen)  # 62 events each, in order
+        assert reads <= 10, reads  # 4 full pages and the end, read once for 50 watchers (not 250 reads)
+    finally:
+        await hub.close()
+
+
+def test_watchers_that_join_together_share_their_catch_up_reads(redis_conn: redis.Redis,
+                                                                redis_server: RedisServer) -> None:
+    book = Ledger(redis_conn, result_ttl_s=60, failure_ttl_s=60)
+    asyncio.run(_joiners_test(book, redis_server.url, redis_conn))
