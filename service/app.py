@@ -74,9 +74,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            if grpc_server is not None:
-                grpc_server.begin_stop()
-            await state.hub.close()  # every waiting stream and request ends now; their jobs go on
+            await release_waiting(app)  # (done already when uvicorn stops it: GatewayServer in main.py)
             if grpc_server is not None:
                 await grpc_server.stop()
             await state.readiness.stop()
