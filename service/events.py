@@ -51,6 +51,11 @@ def stream_order(stream_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+def event_bytes(event: JobEvent) -> int:
+    """What an event costs held in the gateway's memory: its PNGs and an allowance for the rest."""
+    return EVENT_OVERHEAD_BYTES + sum(len(f.png) for f in event.frames)
+
+
 def expired(job_id: str) -> JobEvent:
     return JobEvent("error", job_id, {"status": "failed", "message": "the job expired"})
 
@@ -155,7 +160,7 @@ class Watcher:
             return
         if event.id and stream_order(event.id) <= stream_order(self.last_id):
             return
-        cost = EVENT_OVERHEAD_BYTES + sum(len(f.png) for f in event.frames)
+        cost = event_bytes(event)
         if self._buffer and self._bytes + cost > self.hub.buffer_bytes:
             self.hub.detach(self)  # the reader is slow: it reads the stream itself once it has drained
         else:
@@ -321,7 +326,7 @@ class EventHub:
         if self._pages.get(key) is page and len(events) < PAGE_ENTRIES:
             del self._pages[key]  # the live end of the stream: the next read may find more
         elif key in self._pages and key not in self._page_sizes:
-            self._page_sizes[key] = sum(EVENT_OVERHEAD_BYTES + sum(len(f.png) for f in e.frames) for e in events)
+            self._page_sizes[key] = sum(event_bytes(event) for event in events)
             self._page_bytes += self._page_sizes[key]
             while self._page_bytes > self.page_cache_bytes and len(self._page_sizes) > 1:
                 oldest = next(iter(self._page_sizes))

@@ -117,9 +117,17 @@ def abandon(ledger: Ledger, metrics: GatewayMetrics, job_id: str) -> None:
     if before is None or before.terminal:
         return
     model = ledger.model_of(job_id)
-    if ledger.cancel(job_id) is JobStatus.cancelled and before is JobStatus.queued and model is not None:
-        metrics.jobs.labels(model, "cancelled").inc()
+    if model is None:  # its record is gone: nothing to cancel (Ledger.cancel would do nothing)
+        return
+    cancel(ledger, metrics, job_id, model, before)
     log.info("job cancelled: its caller left", extra={"job_id": job_id})
+
+
+def cancel(ledger: Ledger, metrics: GatewayMetrics, job_id: str, model: str, before: JobStatus) -> None:
+    """Cancel the job (queued: at once; running: at its next evaluation). A job taken out of its queue
+    counts as edm_jobs{outcome="cancelled"} here; a running one is counted by its worker."""
+    if ledger.cancel(job_id) is JobStatus.cancelled and before is JobStatus.queued:
+        metrics.jobs.labels(model, "cancelled").inc()
 
 
 def visible_record(ledger: Ledger, job_id: str, owner: str) -> JobRecord:

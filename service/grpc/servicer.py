@@ -31,7 +31,7 @@ from service.grpc import convert
 from service.grpc.auth import owner_of_call
 from service.grpc.errors import RpcFailure, invalid_argument
 from service.grpc.stubs import service_grpc, service_pb2
-from service.jobs import abandon, admit, check_owner, resolve_request, visible_record
+from service.jobs import abandon, admit, cancel, check_owner, resolve_request, visible_record
 from service.ledger import Ledger
 from service.validation import check_idempotency_key, known_job_id
 
@@ -129,15 +129,14 @@ class Servicer(service_grpc.GenerationServiceServicer):
     async def CancelJob(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         owner, ledger, metrics = self._owner(context), self.ledger, self.state.metrics
 
-        def cancel() -> Any:
+        def cancel_and_view() -> Any:
             record = visible_record(ledger, known_job_id(request.job_id), owner)
             if record.status in (JobStatus.succeeded, JobStatus.failed):
                 raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION, f"job {record.id} already {record.status.value}")
-            if ledger.cancel(record.id) is JobStatus.cancelled and record.status is JobStatus.queued:
-                metrics.jobs.labels(record.spec.model, "cancelled").inc()
+            cancel(ledger, metrics, record.id, record.spec.model, record.status)
             return service_pb2.CancelJobResponse(job=convert.job(visible_record(ledger, record.id, owner)))
 
-        return await blocking(cancel)
+        return await blocking(cancel_and_view)
 
     async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._owner(context)

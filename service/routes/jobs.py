@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from contract.jobs import JobStatus
 from service.deps import CatalogDep, IdempotencyKeyDep, LedgerDep, MetricsDep, OwnerDep, SettingsDep
 from service.errors import Problem
-from service.jobs import admit, job_url, job_view, resolve_request, visible_record
+from service.jobs import admit, cancel, job_url, job_view, resolve_request, visible_record
 from service.schemas import GenerateRequest, ImageIndex, JobId, JobView
 from service.validation import known_job_id
 
@@ -63,6 +63,5 @@ def cancel_job(job_id: JobId, ledger: LedgerDep, metrics: MetricsDep, owner: Own
     record = visible_record(ledger, known_job_id(job_id), owner)
     if record.status in (JobStatus.succeeded, JobStatus.failed):
         raise Problem(409, f"job {job_id} already {record.status.value}")
-    if ledger.cancel(job_id) is JobStatus.cancelled and record.status is JobStatus.queued:
-        metrics.jobs.labels(record.spec.model, "cancelled").inc()
+    cancel(ledger, metrics, job_id, record.spec.model, record.status)
     return job_view(visible_record(ledger, job_id, owner))
