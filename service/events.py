@@ -101,6 +101,7 @@ class Feed:
     checked_at: float = 0.0  # monotonic time of the last status check; 0 = never
     active_at: float = field(default_factory=time.monotonic)  # of the last entry read
     position: int | None = None
+    model: str | None = None  # its queue's model, read once (for queue positions)
     end: JobEvent | None = None  # the terminal event, once seen: for watchers that attach later
 
     @property
@@ -249,14 +250,15 @@ class EventHub:
     def watch(self, job_id: str, *, after: str = "", terminal_only: bool = False) -> Watcher:
         return Watcher(self, job_id, after=after, terminal_only=terminal_only)
 
-    async def wait_end(self, job_id: str, timeout_s: float) -> bool:
-        """Until the job's terminal event (True) or `timeout_s` (False)."""
+    async def wait_end(self, job_id: str, timeout_s: float | None = None) -> bool:
+        """Until the job's terminal event (True) or `timeout_s` (False; None: no limit). Raises
+        HubClosed when the gateway shuts down first."""
         watcher = self.watch(job_id, terminal_only=True)
-        deadline = time.monotonic() + timeout_s
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
             while not watcher.finished:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
                     return False
                 await watcher.next(remaining)
             return True
@@ -447,11 +449,18 @@ class EventHub:
         async with self.conn.pipeline(transaction=False) as pipe:
             for feed in due:
                 pipe.hget(Keys.rq_job(feed.job_id), "status")
-                pipe.hget(Keys.job(feed.job_id), "model")
-            replies = await pipe.execute()
-        statuses = [None if raw is None else STATUS_OF_RQ[RQStatus(text(raw))] for raw in replies[0::2]]
-        waiting = [(feed, text(model)) for feed, status, model in zip(due, statuses, replies[1::2], strict=True)
-                   if status is JobStatus.queued and model is not None and not feed.started
+                if feed.model is None:
+                    pipe.hget(Keys.job(feed.job_id), "model")
+            replies = iter(await pipe.execute())
+        statuses = []
+        for feed in due:
+            raw = next(replies)
+            statuses.append(None if raw is None else STATUS_OF_RQ[RQStatus(text(raw))])
+            if feed.model is None:
+                model = next(replies)
+                feed.model = None if model is None else text(model)
+        waiting = [(feed, feed.model) for feed, status in zip(due, statuses, strict=True)
+                   if status is JobStatus.queued and feed.model is not None and not feed.started
                    and not all(watcher.terminal_only for watcher in feed.watchers)]  # someone wants positions
         if waiting:
             async with self.conn.pipeline(transaction=False) as pipe:

@@ -168,15 +168,11 @@ class Servicer(service_grpc.GenerationServiceServicer):
 
     async def _wait_end(self, job_id: str) -> None:
         """Until the job has ended; UNAVAILABLE when the gateway shuts down first (the job goes on)."""
-        watcher = self.state.hub.watch(job_id, terminal_only=True)
         try:
-            while not watcher.finished:
-                await watcher.next()
+            await self.state.hub.wait_end(job_id)
         except HubClosed:
             raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"the gateway is shutting down; job {job_id} goes on "
                              "(GetJob, WatchJob)") from None
-        finally:
-            watcher.close()
 
     async def _events(self, job_id: str, after: str) -> AsyncIterator[JobEvent]:
         watcher = self.state.hub.watch(job_id, after=after)
