@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio.to_thread
 import redis
@@ -18,11 +21,12 @@ from service import errors, openapi
 from service.auth import key_hash
 from service.capacity import Capacity
 from service.catalog import Catalog
-from service.deps import blocking
 from service.events import EventHub
 from service.ledger import Ledger
+from service.loops import LoopWatch, blocking, use_pool
 from service.metrics import GatewayMetrics
 from service.middleware import RequestContext
+from service.probes import ProbeServer
 from service.readiness import ReadinessMonitor
 from service.routes import events, generate, health, jobs, models, ui
 from service.settings import GatewaySettings
@@ -48,13 +52,17 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = app.state
+        loop = asyncio.get_running_loop()
         conn = gateway_connection(settings)
         probe_conn = connect(settings.redis_url, settings.redis_timeout_s)  # probes never wait behind requests
         ledgers = {name: Ledger(c, result_ttl_s=settings.result_ttl_s, failure_ttl_s=settings.failure_ttl_s,
                                 idempotency_ttl_s=settings.idempotency_ttl_s)
                    for name, c in (("ledger", conn), ("probe_ledger", probe_conn))}
-        # Blocking work (short Redis operations) runs on this many threads; nothing waits on one.
-        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.blocking_threads
+        # Short blocking work (Redis round trips) of every loop runs on this pool; nothing waits on it.
+        pool = ThreadPoolExecutor(settings.blocking_threads, thread_name_prefix="edm-blocking")
+        use_pool(loop, pool)
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.blocking_threads  # Starlette's
+        beat = loop.create_task(state.loops.beat("rest"), name="loop-watch")
         state.probes = anyio.CapacityLimiter(2)
         state.hub = EventHub(settings.redis_url, timeout_s=settings.redis_timeout_s, ledger=ledgers["ledger"],
                              blocking=blocking, buffer_bytes=settings.stream_buffer_bytes,
@@ -65,23 +73,28 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         state.hub.start()
         await state.readiness.start()
         state.ledger = ledgers["ledger"]
-        grpc_server = None
-        if settings.grpc_port is not None:
-            from service.grpc.server import GrpcServer  # grpc is imported only by a gateway that serves it
-
-            grpc_server = state.grpc_server = await GrpcServer(state).start()
-        log.info("gateway ready", extra={"models": list(catalog.models), "redis": _redacted(settings.redis_url)})
+        servers: list[Any] = []  # the side loops' servers, stopped in reverse order
         try:
+            if settings.probe_port is not None:
+                servers.append(await ProbeServer(state, settings.host, settings.probe_port).start())
+            if settings.grpc_port is not None:
+                from service.grpc.server import GrpcServer  # grpc is imported only by a gateway that serves it
+
+                state.grpc_server = GrpcServer(state, pool, state.loops)
+                servers.append(await state.grpc_server.start())
+            log.info("gateway ready", extra={"models": list(catalog.models), "redis": _redacted(settings.redis_url)})
             yield
         finally:
             await release_waiting(app)  # (done already when uvicorn stops it: GatewayServer in main.py)
-            if grpc_server is not None:
-                await grpc_server.stop()
+            for server in reversed(servers):
+                await server.stop()
             await state.readiness.stop()
             state.ledger = None
+            beat.cancel()
             for client in (conn, probe_conn):
                 client.close()
                 client.connection_pool.disconnect()
+            pool.shutdown(wait=False)
 
     app = FastAPI(title="edm-serve", version=software_version(), lifespan=lifespan,
                   description="EDM diffusion models behind an API. Errors are application/problem+json.")
@@ -91,6 +104,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.probe_ledger = None
     app.state.hub = None
     app.state.grpc_server = None
+    app.state.loops = LoopWatch(settings.loop_stall_s)
     app.state.key_hashes = frozenset(key_hash(k) for k in settings.api_keys)
     app.state.metrics = metrics = GatewayMetrics(lambda: app.state.probe_ledger, list(catalog.models))
     app.state.streams = Capacity("open event streams", settings.max_streams, metrics.open_streams)
@@ -109,7 +123,7 @@ async def release_waiting(app: FastAPI) -> None:
     request and stream ends now (sync requests with 503 and their job's Location, streams so that
     clients resume elsewhere), and calls that end from now on cancel no job."""
     if app.state.grpc_server is not None:
-        app.state.grpc_server.begin_stop()
+        await app.state.grpc_server.begin_stop()
     if app.state.hub is not None:
         await app.state.hub.close()
 

@@ -1,11 +1,14 @@
 """Limits on what waits in the gateway: open event streams and requests waiting for their job.
 
-The gateway's waiting happens on one event loop, so a limit is a counter. A caller past the limit
+A limit is a counter under a lock (the REST and gRPC loops run on threads of their own and share
+the limits: EDM_MAX_STREAMS counts SSE and gRPC streams together). A caller past the limit
 gets 429 (gRPC: RESOURCE_EXHAUSTED) with Retry-After: waiting clients leave as their jobs end, so
 room comes back within seconds.
 """
 
 from __future__ import annotations
+
+import threading
 
 from prometheus_client import Gauge
 
@@ -20,19 +23,22 @@ class Capacity:
         self.limit = limit
         self.in_use = 0
         self._gauge = gauge
+        self._lock = threading.Lock()
 
     def take(self) -> Slot:
         """A slot, to release when the waiting ends; Problem(429) when none is free."""
-        if self.in_use >= self.limit:
-            raise Problem(429, f"this gateway holds its limit of {self.limit} {self.what}; retry in "
-                          f"{RETRY_AFTER_S} s or use another replica", headers={"Retry-After": str(RETRY_AFTER_S)})
-        self.in_use += 1
-        self._gauge.set(self.in_use)
+        with self._lock:
+            if self.in_use >= self.limit:
+                raise Problem(429, f"this gateway holds its limit of {self.limit} {self.what}; retry in "
+                              f"{RETRY_AFTER_S} s or use another replica", headers={"Retry-After": str(RETRY_AFTER_S)})
+            self.in_use += 1
+            self._gauge.set(self.in_use)
         return Slot(self)
 
     def _release(self) -> None:
-        self.in_use -= 1
-        self._gauge.set(self.in_use)
+        with self._lock:
+            self.in_use -= 1
+            self._gauge.set(self.in_use)
 
 
 class Slot:

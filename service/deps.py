@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-import anyio.to_thread
 from fastapi import Depends, Header, Request
 
 from service.auth import owner_of_request
@@ -16,13 +15,6 @@ from service.ledger import Ledger
 from service.metrics import GatewayMetrics
 from service.settings import GatewaySettings
 from service.validation import IDEMPOTENCY_KEY_MAX, IDEMPOTENCY_KEY_PATTERN
-
-T = TypeVar("T")
-
-
-async def blocking(call: Callable[[], T]) -> T:
-    """Run a short blocking call (Redis work) on the gateway's bounded thread pool (EDM_BLOCKING_THREADS)."""
-    return await anyio.to_thread.run_sync(call)
 
 
 def _state(name: str) -> Callable[[Request], Awaitable[Any]]:

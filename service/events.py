@@ -199,7 +199,8 @@ class EventHub:
                  buffer_bytes: int, check_s: float = 0.5, max_connections: int = 8,
                  watched_jobs: Gauge | None = None):
         self.ledger = ledger
-        self.watched_jobs = watched_jobs  # set to len(feeds) as it changes
+        self.watched_jobs = watched_jobs  # counts len(feeds), summed over the gateway's hubs
+        self._counted = 0
         self.blocking = blocking
         self.buffer_bytes = buffer_bytes
         self.check_s = check_s
@@ -351,7 +352,8 @@ class EventHub:
 
     def _count_feeds(self) -> None:
         if self.watched_jobs is not None:
-            self.watched_jobs.set(len(self.feeds))
+            self.watched_jobs.inc(len(self.feeds) - self._counted)
+            self._counted = len(self.feeds)
 
     # -- the reader --------------------------------------------------------------------------------
 

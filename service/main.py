@@ -1,5 +1,6 @@
-"""`edm-serve gateway`: run the REST gateway with uvicorn, and the gRPC server beside it when a
-gRPC port is set (its log line "gRPC listening on HOST:PORT" gives the port). Settings come from
+"""`edm-serve gateway`: run the REST gateway with uvicorn, the gRPC server beside it when a gRPC
+port is set (its log line "gRPC listening on HOST:PORT" gives the port) and the probe server when
+a probe port is set ("probes listening on HOST:PORT"). Settings come from
 EDM_* variables; the options below override the most common ones."""
 
 from __future__ import annotations
@@ -79,13 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help="port [EDM_PORT, default 8000]")
     parser.add_argument("--redis-url", help="Redis URL [EDM_REDIS_URL]")
     parser.add_argument("--grpc-port", type=int, help="gRPC port, 0 = any free one [EDM_GRPC_PORT, default: no gRPC]")
+    parser.add_argument("--probe-port", type=int,
+                        help="port of /healthz, /readyz and /metrics on a loop of their own, 0 = any free one "
+                             "[EDM_PROBE_PORT, default: none]")
     args = parser.parse_args(argv)
 
     from service.app import create_app, release_waiting
     from service.settings import GatewaySettings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "redis_url": args.redis_url,
-                                   "grpc_port": args.grpc_port}.items() if v is not None}
+                                   "grpc_port": args.grpc_port, "probe_port": args.probe_port}.items() if v is not None}
     settings = GatewaySettings(**overrides)
     setup_logging("gateway", settings.log_level)
     app = create_app(settings)

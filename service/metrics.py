@@ -76,7 +76,8 @@ class GatewayMetrics:
         self.waiting_requests = Gauge("edm_gateway_waiting_requests", "Requests waiting for their job on this "
                                       "gateway (POST /v1/generate, gRPC Generate)", registry=r)
         self.watched_jobs = Gauge("edm_gateway_watched_jobs", "Jobs whose event streams this gateway reads for its "
-                                  "waiting clients (one read per job, however many wait on it)", registry=r)
+                                  "waiting clients (one read per job and event loop, however many wait on it: REST "
+                                  "and gRPC have a loop each)", registry=r)
         self.grpc_requests = Counter("edm_grpc_requests", "gRPC calls by method and status code",
                                      ["method", "code"], registry=r)
         for method in GRPC_METHODS:  # every method shows (at 0) before its first call

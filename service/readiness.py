@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
-import anyio.to_thread
 import redis
 
 from service.catalog import Catalog
@@ -51,28 +51,33 @@ def _progress(state: dict[str, object]) -> str:
 
 
 class ReadinessMonitor:
+    """Checks readiness every `interval_s` on a thread of its own (so no busy event loop delays a
+    check and makes it look stale) and keeps the last answer. `listeners` are called on that
+    thread when readiness changes; each hands the news to its own loop."""
+
     def __init__(self, ledger: Ledger, catalog: Catalog, interval_s: float, timeout_s: float):
         self.ledger = ledger  # on a connection no request uses
         self.catalog = catalog
         self.interval_s = interval_s
         self.stale_s = max(3 * interval_s, timeout_s + 2 * interval_s)
-        self.listeners: list[Callable[[bool], Awaitable[None]]] = []
+        self.listeners: list[Callable[[bool], None]] = []
         self._answer: dict[str, object] | Problem = Problem(503, "the gateway is starting",
                                                             headers={"Retry-After": "2"})
         self._checked_at = 0.0
         self._ready: bool | None = None
-        self._thread = anyio.CapacityLimiter(1)
-        self._task: asyncio.Task[None] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edm-readiness", daemon=True)
 
     def answer(self) -> dict[str, object]:
         """The last check's answer (raises its Problem when not ready)."""
-        age = time.monotonic() - self._checked_at
-        if self._checked_at and age > self.stale_s:
+        answer, checked_at = self._answer, self._checked_at
+        age = time.monotonic() - checked_at
+        if checked_at and age > self.stale_s:
             raise Problem(503, f"readiness unknown: its last check completed {age:.1f} s ago",
                           headers={"Retry-After": "2"})
-        if isinstance(self._answer, Problem):
-            raise self._answer
-        return self._answer
+        if isinstance(answer, Problem):
+            raise answer
+        return answer
 
     @property
     def ready(self) -> bool:
@@ -82,10 +87,9 @@ class ReadinessMonitor:
             return False
         return True
 
-    async def check(self) -> None:
+    def check(self) -> None:
         try:
-            answer: dict[str, object] | Problem = await anyio.to_thread.run_sync(
-                readiness, self.ledger, self.catalog, limiter=self._thread)
+            answer: dict[str, object] | Problem = readiness(self.ledger, self.catalog)
         except Problem as problem:
             answer = problem
         except redis.RedisError as error:
@@ -97,23 +101,23 @@ class ReadinessMonitor:
             if self._ready is not None:
                 log.info("readiness: %s", "not ready: " + answer.detail if isinstance(answer, Problem) else "ready")
             self._ready = ready
-            for listener in self.listeners:
-                await listener(ready)
+            for listener in list(self.listeners):
+                listener(ready)
 
     async def start(self) -> None:
-        await self.check()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="readiness")
+        """The first check (on the pool of the caller's loop), then one every `interval_s` on the thread."""
+        await asyncio.get_running_loop().run_in_executor(None, self.check)
+        self._thread.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        self._stop.set()
+        if self._thread.is_alive():
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
         self._answer = Problem(503, "the gateway is stopping", headers={"Retry-After": "2"})
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
             try:
-                await self.check()
+                self.check()
             except Exception:  # noqa: BLE001 - the monitor must outlive a bug in one check
                 log.exception("readiness check failed")

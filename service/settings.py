@@ -42,6 +42,11 @@ class GatewaySettings(CommonSettings):
                                   "gets 408 and its connection is closed")
     grpc_port: int | None = Field(default=None, ge=0, le=65535,
                                   description="port of the gRPC server (edm.v1); unset = no gRPC, 0 = any free port")
+    probe_port: int | None = Field(default=None, ge=0, le=65535, description="port of the probe server: GET "
+                                   "/healthz, /readyz and /metrics on an event loop and thread of their own, so that "
+                                   "a probe never waits behind the REST loop's work; unset = none, 0 = any free port")
+    loop_stall_s: float = Field(default=10.0, gt=0, description="liveness (/healthz) fails when one of the gateway's "
+                                "event loops (REST, gRPC, probes) has not turned for this long")
     readiness_interval_s: float = Field(default=0.5, gt=0, description="how often readiness (GET /readyz, gRPC "
                                         "health) is re-checked, on a Redis connection of its own")
 

@@ -25,14 +25,14 @@ import redis
 
 from contract.events import JobEvent
 from contract.jobs import JobStatus
-from service.deps import blocking
-from service.events import HubClosed
+from service.events import EventHub, HubClosed
 from service.grpc import convert
 from service.grpc.auth import owner_of_call
 from service.grpc.errors import RpcFailure, invalid_argument
 from service.grpc.stubs import service_grpc, service_pb2
 from service.jobs import abandon, admit, cancel, check_owner, resolve_request, visible_record
 from service.ledger import Ledger
+from service.loops import blocking
 from service.validation import check_idempotency_key, known_job_id
 
 log = logging.getLogger("service.grpc")
@@ -48,10 +48,12 @@ def _message_size(message: Any) -> int:
 
 
 class Servicer(service_grpc.GenerationServiceServicer):
-    """Reads the gateway's app.state (settings, catalog, metrics, key_hashes, ledger, hub), like the routes."""
+    """Reads the gateway's app.state (settings, catalog, metrics, key_hashes, ledger, limits) like the
+    routes; waits on `hub`, the event hub of the gRPC loop."""
 
-    def __init__(self, state: Any, *, stopping: asyncio.Event):
+    def __init__(self, state: Any, *, hub: EventHub, stopping: asyncio.Event):
         self.state = state
+        self.hub = hub
         self.stopping = stopping  # set while the server shuts down: streams end, jobs go on
         self._abandoning: set[asyncio.Task[Any]] = set()
 
@@ -108,7 +110,7 @@ class Servicer(service_grpc.GenerationServiceServicer):
         ledger = self.ledger
         await blocking(lambda: check_owner(ledger, known_job_id(request.job_id), owner))
         with self.state.streams.take():
-            encodings = self.state.hub.encodings
+            encodings = self.hub.encodings
             async for event in self._events(request.job_id, request.after_event_id):
                 yield encodings.get("grpc-watch", event, _watch_response, _message_size)
 
@@ -169,13 +171,13 @@ class Servicer(service_grpc.GenerationServiceServicer):
     async def _wait_end(self, job_id: str) -> None:
         """Until the job has ended; UNAVAILABLE when the gateway shuts down first (the job goes on)."""
         try:
-            await self.state.hub.wait_end(job_id)
+            await self.hub.wait_end(job_id)
         except HubClosed:
             raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"the gateway is shutting down; job {job_id} goes on "
                              "(GetJob, WatchJob)") from None
 
     async def _events(self, job_id: str, after: str) -> AsyncIterator[JobEvent]:
-        watcher = self.state.hub.watch(job_id, after=after)
+        watcher = self.hub.watch(job_id, after=after)
         try:
             while not watcher.finished:
                 for event in await watcher.next():

@@ -25,10 +25,11 @@ from fastapi.responses import StreamingResponse
 
 from contract.events import JobEvent
 from service.capacity import Slot
-from service.deps import HubDep, LedgerDep, OwnerDep, StreamsDep, blocking
+from service.deps import HubDep, LedgerDep, OwnerDep, StreamsDep
 from service.errors import invalid
 from service.events import Encodings, HubClosed, Watcher, stream_order
 from service.jobs import check_owner
+from service.loops import blocking
 from service.schemas import JobId
 from service.validation import known_job_id
 

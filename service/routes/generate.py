@@ -31,12 +31,12 @@ from service.deps import (
     OwnerDep,
     SettingsDep,
     WaitingDep,
-    blocking,
 )
 from service.errors import Problem
 from service.events import EventHub, HubClosed
 from service.jobs import abandon, admit, job_url, job_view, resolve_request, visible_record
 from service.ledger import JobRecord, Ledger
+from service.loops import blocking
 from service.schemas import GeneratedImageJSON, GenerateRequest, GenerateResponse
 
 router = APIRouter(prefix="/v1", tags=["generate"])

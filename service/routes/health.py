@@ -1,8 +1,10 @@
-"""Liveness, readiness and the Prometheus endpoint.
+"""Liveness, readiness and the Prometheus endpoint, on the REST port and on the probe port.
 
-None of these waits behind requests: /healthz touches nothing; /readyz answers from the readiness
-monitor's last check (service/readiness.py: its own Redis connection and thread); /metrics reads
-the queue gauges on a small thread limiter and Redis connection of its own (app.state.probes).
+None of these waits behind requests' Redis work: /healthz touches nothing but the loop watch;
+/readyz answers from the readiness monitor's last check (service/readiness.py: its own Redis
+connection and thread); /metrics renders on one thread of its own (app.state.probes). On the REST
+port they still wait for the REST loop's turn, which a thousand busy streams make long; the probe
+port (EDM_PROBE_PORT, service/probes.py) serves the same three on a loop and thread of their own.
 """
 
 from __future__ import annotations
@@ -11,12 +13,18 @@ import anyio.to_thread
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.errors import Problem
+
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-async def healthz() -> dict[str, str]:
-    """The process is up (it does not look at Redis or workers)."""
+async def healthz(request: Request) -> dict[str, str]:
+    """The process is up and its event loops turn (it does not look at Redis or workers)."""
+    stalled = request.app.state.loops.stalled()
+    if stalled:
+        raise Problem(503, "event loops not turning: " + ", ".join(f"{name} for {s} s" for name, s in stalled.items()),
+                      stalled=stalled)
     return {"status": "ok"}
 
 

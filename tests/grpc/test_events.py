@@ -14,9 +14,9 @@ from contract.jobs import ImageInfo, JobResult, JobSpec, JobStatus, SamplerParam
 from contract.ledger import Outcome
 from model.generate import EvalEvent
 from model.images import decode_png, to_pixels
-from service.deps import blocking
 from service.events import Encodings, EventHub, Watcher
 from service.ledger import Ledger
+from service.loops import blocking
 from tests.integration.servers import RedisServer
 from tests.worker.test_batcher import job
 from worker.batcher import plan_batch
