@@ -47,12 +47,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     EDM_CACHE_DIR=/cache \
     EDM_HOST=0.0.0.0 \
     EDM_PORT=8000 \
+    EDM_PROBE_PORT=8001 \
     EDM_GRPC_PORT=50051
 USER 10001:10001
 WORKDIR /home/edm
-EXPOSE 8000 50051
+EXPOSE 8000 8001 50051
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('EDM_PORT', '8000'), timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('EDM_PROBE_PORT', '8001'), timeout=2)"]
 ENTRYPOINT ["edm-serve"]
 CMD ["gateway"]
 

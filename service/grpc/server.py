@@ -32,6 +32,10 @@ from service.grpc.stubs import SERVICE_NAME, service_grpc
 from service.loops import LoopThread, LoopWatch, blocking, use_pool
 
 log = logging.getLogger("service.grpc")
+# gRPC core cancels a call that waits longer than 30 s for the server to take it (a busy loop takes
+# calls slowly), with CANCELLED and no handler ever seeing it. The client's deadline decides
+# instead; past the gateway's limits a handler answers RESOURCE_EXHAUSTED.
+INTAKE = [("grpc.server_max_unrequested_time_in_server", 24 * 3600)]
 
 
 class GrpcServer:
@@ -76,7 +80,7 @@ class GrpcServer:
                             blocking=blocking, buffer_bytes=settings.stream_buffer_bytes,
                             check_s=settings.readiness_interval_s, watched_jobs=state.metrics.watched_jobs)
         self.hub.start()
-        self._server = server = grpc.aio.server(interceptors=[Interceptor(state.metrics)])
+        self._server = server = grpc.aio.server(interceptors=[Interceptor(state.metrics)], options=INTAKE)
         service_grpc.add_GenerationServiceServicer_to_server(
             Servicer(state, hub=self.hub, stopping=self.stopping), server)
         self._health = health.aio.HealthServicer()

@@ -148,10 +148,10 @@ def test_redis_memory_is_bounded_and_never_evicts_jobs(gpu: dict[str, Any], cpu:
 def test_gateway_publishes_rest_and_grpc(gpu: dict[str, Any]) -> None:
     gateway = gpu["services"]["gateway"]
     env = compose_environment(gateway)
-    ports = {int(env_value(gateway, "EDM_PORT")), int(env_value(gateway, "EDM_GRPC_PORT"))}
-    assert container_ports(gateway) == ports == {8000, 50051}
+    ports = {int(env_value(gateway, name)) for name in ("EDM_PORT", "EDM_GRPC_PORT", "EDM_PROBE_PORT")}
+    assert container_ports(gateway) == ports == {8000, 8001, 50051}
     assert env["EDM_HOST"] == "0.0.0.0"
-    assert f":{env['EDM_PORT']}/healthz" in " ".join(gateway["healthcheck"]["test"])
+    assert f":{env['EDM_PROBE_PORT']}/healthz" in " ".join(gateway["healthcheck"]["test"])  # the probe port
     published = compose_model(COMPOSE, env={"GATEWAY_HTTP_PORT": "18000", "GATEWAY_GRPC_PORT": "15051"})
     assert published["services"]["gateway"]["ports"] == ["18000:8000", "15051:50051"]
 

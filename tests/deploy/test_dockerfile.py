@@ -97,10 +97,10 @@ def test_images_listen_where_compose_and_k8s_expect() -> None:
     found = stages()
     gateway_env = " ".join(rest for keyword, rest in found["gateway"] if keyword == "ENV")
     compose_gateway = compose_environment(compose_model(COMPOSE)["services"]["gateway"])
-    for name in ("EDM_HOST", "EDM_PORT", "EDM_GRPC_PORT"):
+    for name in ("EDM_HOST", "EDM_PORT", "EDM_PROBE_PORT", "EDM_GRPC_PORT"):
         assert f"{name}={compose_gateway[name]}" in gateway_env
     exposed = {rest for keyword, rest in found["gateway"] if keyword == "EXPOSE"}
-    assert exposed == {f"{compose_gateway['EDM_PORT']} {compose_gateway['EDM_GRPC_PORT']}"}
+    assert exposed == {" ".join(compose_gateway[name] for name in ("EDM_PORT", "EDM_PROBE_PORT", "EDM_GRPC_PORT"))}
     for target in ("worker", "worker-cpu"):
         env = " ".join(rest for keyword, rest in found[target] if keyword == "ENV")
         assert "EDM_METRICS_PORT=9101" in env

@@ -91,11 +91,11 @@ def test_same_images_commands_and_ports_as_compose(docs: list[dict[str, Any]], c
     assert gateway["args"] == compose["gateway"]["command"]
     assert worker["args"] == compose["worker"]["command"]
     assert redis["args"] == compose["redis"]["command"]
-    assert {p["containerPort"] for p in gateway["ports"]} == container_ports(compose["gateway"]) == {8000, 50051}
+    assert {p["containerPort"] for p in gateway["ports"]} == container_ports(compose["gateway"]) == {8000, 8001, 50051}
     assert {p["containerPort"] for p in worker["ports"]} == container_ports(compose["worker"]) == {9101}
     service = find(docs, "Service", "gateway")
     assert {p["port"] for p in service["spec"]["ports"]} == {8000, 50051}
-    assert {p["name"] for p in service["spec"]["ports"]} == {p["name"] for p in gateway["ports"]}
+    assert {p["name"] for p in service["spec"]["ports"]} == {p["name"] for p in gateway["ports"]} - {"probes"}
 
 
 def test_same_settings_as_compose(docs: list[dict[str, Any]], compose: dict[str, Any]) -> None:
@@ -117,8 +117,10 @@ def test_same_settings_as_compose(docs: list[dict[str, Any]], compose: dict[str,
 
 def test_probes_use_the_health_endpoints(docs: list[dict[str, Any]]) -> None:
     gateway = container(docs, "Deployment", "gateway")
+    probe_port = next(p["containerPort"] for p in gateway["ports"] if p["name"] == "probes")
+    assert str(probe_port) == k8s_env(docs, gateway)["EDM_PROBE_PORT"]  # the port the gateway serves probes on
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert gateway[probe]["httpGet"]["path"] == "/healthz"
+        assert gateway[probe]["httpGet"] == {"path": "/healthz", "port": "probes"}
     worker = container(docs, "Deployment", "worker")
     assert worker["readinessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
 

@@ -90,12 +90,13 @@ def live(redis_server: RedisServer, tiny_model: Path, tmp_path_factory: pytest.T
     logs = tmp_path_factory.mktemp("live")
     conn = redis_server.client()
     conn.flushdb()
-    env = stack_env(redis_server.url, {"tiny": tiny_model})
+    probe_port = free_port()  # Prometheus scrapes the gateway there, as deploy/prometheus/prometheus.yml does
+    env = stack_env(redis_server.url, {"tiny": tiny_model}, EDM_PROBE_PORT=probe_port)
     worker_ports = [free_port(), free_port()]
     workers = [spawn_worker(env, logs / f"worker{k}.log", max_pass_rows=16, max_wait=0.05, metrics_port=port)
                for k, port in enumerate(worker_ports)]
     gateway, url = start_gateway(env, logs / "gateway.log")
-    gateway_port = int(url.rsplit(":", 1)[1])
+    gateway_port = probe_port
     prom_port = free_port()
     config = logs / "prometheus.yml"
     config.write_text(yaml.safe_dump(prometheus_config(gateway_port, worker_ports, prom_port)))

@@ -51,7 +51,7 @@ def test_scrape_jobs_find_every_compose_replica_on_its_real_port() -> None:
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     services = compose_model(COMPOSE)["services"]
     expected = {
-        "edm-gateway": ("gateway", int(env_value(services["gateway"], "EDM_PORT"))),
+        "edm-gateway": ("gateway", int(env_value(services["gateway"], "EDM_PROBE_PORT"))),
         "edm-worker": ("worker", int(env_value(services["worker"], "EDM_METRICS_PORT"))),
     }
     for job_name, (service, port) in expected.items():

@@ -43,8 +43,8 @@ BLOCKING_THREADS = 8
 
 
 class Stack:
-    def __init__(self, url: str, grpc_target: str, conn: redis.Redis, gateway: Process):
-        self.url, self.grpc_target, self.conn, self.gateway = url, grpc_target, conn, gateway
+    def __init__(self, url: str, probe_url: str, grpc_target: str, conn: redis.Redis, gateway: Process):
+        self.url, self.probe_url, self.grpc_target, self.conn, self.gateway = url, probe_url, grpc_target, conn, gateway
 
     def gauge(self, name: str) -> float:
         for line in httpx.get(self.url + "/metrics", timeout=5).text.splitlines():
@@ -60,14 +60,15 @@ class Stack:
 def stack(redis_server: RedisServer, tiny_model: Path, tmp_path: Path) -> Iterator[Stack]:
     conn = redis_server.client()
     conn.flushdb()
-    grpc_port = free_port()
-    env = stack_env(redis_server.url, {"tiny": tiny_model}, EDM_GRPC_PORT=grpc_port, EDM_MAX_QUEUED_NFE=10_000_000,
+    grpc_port, probe_port = free_port(), free_port()
+    env = stack_env(redis_server.url, {"tiny": tiny_model}, EDM_GRPC_PORT=grpc_port, EDM_PROBE_PORT=probe_port,
+                    EDM_MAX_QUEUED_NFE=10_000_000,
                     EDM_BODY_TIMEOUT_S=2, EDM_HEADER_TIMEOUT_S=3, EDM_SYNC_TIMEOUT_S=120,
                     EDM_BLOCKING_THREADS=BLOCKING_THREADS)
     worker = wait_worker(spawn_worker(env, tmp_path / "worker.log"), conn)
     gateway, url = start_gateway(env, tmp_path / "gateway.log")
     try:
-        yield Stack(url, f"127.0.0.1:{grpc_port}", conn, gateway)
+        yield Stack(url, f"http://127.0.0.1:{probe_port}", f"127.0.0.1:{grpc_port}", conn, gateway)
     finally:
         gateway.stop()
         worker.stop()
@@ -154,8 +155,13 @@ def test_hundreds_of_sse_and_grpc_watchers_get_every_event_in_order(stack: Stack
             return await asyncio.gather(*http), await asyncio.gather(*rpc), open_redis_clients
 
     before = stack.redis_clients()
+    probe = Probe(stack.probe_url)  # the probe port: a loop of its own, however busy the streams keep REST's
     by_sse, by_grpc, during = asyncio.run(run())
+    probes = probe.stop()
     assert during <= before + 2 * BLOCKING_THREADS + 10, (before, during)  # 600 streams: the pools, no more
+    assert len(probes) > 4 and {status for _, status, _ in probes} == {200}
+    latencies = sorted(seconds for _, _, seconds in probes)
+    assert latencies[len(latencies) // 2] < 0.1 and latencies[-1] < 2.0, latencies[-5:]  # loose: shared cores
     for k, got in enumerate(by_sse + by_grpc):
         job_id = jobs[k % 3]
         stored = [entry[0].decode() for entry in stack.conn.xrange(f"edm:events:{job_id}")]
