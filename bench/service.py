@@ -9,7 +9,8 @@ alike. Workloads (issue 9, section 8):
 
 a. concurrent: --batch concurrent one-image requests, identical settings (--steps), against
    model.generate.generate() on --batch seeds in this process; goal step >= 0.9x in-process images/s.
-   Also one request of --batch seeds per arm (JSON answer).
+   Also one request of --batch seeds per arm (JSON answer), and when the last of the --batch jobs
+   was submitted and started (Server-Timing), after the burst's first request was sent.
 b. closed loop: --clients clients, each sending one-image requests back to back for --closed-s
    (after --warmup-s): random seed and class, num_steps uniform in 4..40, solver euler or heun, a
    quarter with churn (S_churn 40, S_min 0.05, S_max 50, S_noise 1.003). Throughput, latency p50/p99,
@@ -91,6 +92,7 @@ class Outcome:
     status: int          # HTTP status; 0 = transport error or unanswered
     sampling_s: float | None = None  # the worker's sampling time (Server-Timing)
     queue_s: float | None = None     # submission -> first step (Server-Timing)
+    job_s: float | None = None       # submission -> done (Server-Timing)
 
     @property
     def ok(self) -> bool:
@@ -129,7 +131,7 @@ class Arm:
         except httpx.HTTPError:
             status, timing = 0, {}
         return Outcome(issued, time.perf_counter(), images, images * nfe_per_image(body), status,
-                       timing.get("sampling"), timing.get("queue"))
+                       timing.get("sampling"), timing.get("queue"), timing.get("job"))
 
     def checked(self, body: dict) -> Outcome:
         outcome = self.post(body)
@@ -150,7 +152,8 @@ class Arm:
 
 def concurrent(arms: dict[str, Arm], local: InProcess, batch: int, steps: int, repeats: int) -> dict:
     rows: dict[str, dict[str, list[float]]] = {name: {"one_request_s": [], "one_request_sampling_s": [],
-                                                      "concurrent_wall_s": [], "concurrent_latency_s": []}
+                                                      "concurrent_wall_s": [], "concurrent_latency_s": [],
+                                                      "last_submitted_s": [], "last_started_s": []}
                                                for name in arms}
     local_batch: list[float] = []
     workers: dict[str, list[dict]] = {name: [] for name in arms}
@@ -165,12 +168,16 @@ def concurrent(arms: dict[str, Arm], local: InProcess, batch: int, steps: int, r
                 r["one_request_s"].append(one.latency)
                 r["one_request_sampling_s"].append(one.sampling_s or math.nan)
 
-                def burst(arm: Arm = arm, seeds: list[int] = seeds) -> tuple[float, list[Outcome]]:
+                def burst(arm: Arm = arm, seeds: list[int] = seeds) -> tuple[float, float, list[Outcome]]:
                     started = time.perf_counter()
                     outs = list(pool.map(lambda s: arm.checked({"seeds": [s], "num_steps": steps}), seeds))
-                    return time.perf_counter() - started, outs
+                    return started, time.perf_counter() - started, outs
 
-                (wall, outs), delta = arm.workload(burst)
+                (began, wall, outs), delta = arm.workload(burst)
+                # When the last job was submitted, and when its first step ran, after the burst began
+                # (from Server-Timing: the answer's arrival less the job's total, less its sampling).
+                r["last_submitted_s"].append(max(o.done - (o.job_s or math.nan) for o in outs) - began)
+                r["last_started_s"].append(max(o.done - (o.sampling_s or math.nan) for o in outs) - began)
                 r["concurrent_wall_s"].append(wall)
                 r["concurrent_latency_s"] += [o.latency for o in outs]
                 workers[name].append({"concurrent": delta, "one_request": one_worker})
@@ -183,7 +190,9 @@ def concurrent(arms: dict[str, Arm], local: InProcess, batch: int, steps: int, r
         out[name] = {
             "concurrent": {"images_per_s": ips, "ratio_in_process": ips / local_ips,
                            "wall_s": percentiles(r["concurrent_wall_s"]),
-                           "latency_s": percentiles(r["concurrent_latency_s"])},
+                           "latency_s": percentiles(r["concurrent_latency_s"]),
+                           "last_submitted_s": percentiles(r["last_submitted_s"]),
+                           "last_started_s": percentiles(r["last_started_s"])},
             "one_request": {"images_per_s": one_ips, "ratio_in_process": one_ips / local_ips,
                             "latency_s": percentiles(r["one_request_s"]),
                             "worker_sampling_s": percentiles(r["one_request_sampling_s"])},
@@ -422,6 +431,9 @@ def table(r: dict, args: argparse.Namespace) -> str:
     def tail(d: dict) -> str:
         return f"{ms(d['latency_s']['p50'])} / {ms(d['latency_s']['p99'])}"
 
+    def intake(d: dict) -> str:
+        return f"{d['last_submitted_s']['p50']:.2f} / {d['last_started_s']['p50']:.2f}"
+
     def vs_local(d: dict) -> str:
         return f"{d['images_per_s']:.1f} ({d['ratio_in_process']:.2f}x)"
 
@@ -448,6 +460,7 @@ def table(r: dict, args: argparse.Namespace) -> str:
         f"{cs['concurrent']['images_per_s'] / cr['concurrent']['images_per_s']:.2f}")
     row("   latency p50 / p99 ms", tail(cr["concurrent"]), tail(cs["concurrent"]))
     row("   worker: images per pass / ms per pass", work(cr["worker"]), work(cs["worker"]))
+    row("   last job submitted / started at (s)", intake(cr["concurrent"]), intake(cs["concurrent"]))
     cpu("CPU ms/image: loop/thr/gw/redis/client", cr["worker"], cs["worker"])
     row(f"   one request of {args.batch}: images/s (x in-process)", vs_local(cr["one_request"]),
         vs_local(cs["one_request"]))
