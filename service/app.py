@@ -80,14 +80,15 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             if settings.grpc_port is not None:
                 from service.grpc.server import GrpcServer  # grpc is imported only by a gateway that serves it
 
-                state.grpc_server = GrpcServer(state, pool, state.loops)
-                servers.append(await state.grpc_server.start())
+                state.grpc_server = await GrpcServer(state, pool, state.loops).start()
+                servers.append(state.grpc_server)
             log.info("gateway ready", extra={"models": list(catalog.models), "redis": _redacted(settings.redis_url)})
             yield
         finally:
             await release_waiting(app)  # (done already when uvicorn stops it: GatewayServer in main.py)
             for server in reversed(servers):
                 await server.stop()
+            state.grpc_server = None
             await state.readiness.stop()
             state.ledger = None
             beat.cancel()

@@ -242,6 +242,9 @@ class EventHub:
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait({self._task}, timeout=2 * self.check_s + 1)
+        if self.watched_jobs is not None:  # its feeds are no longer read
+            self.watched_jobs.dec(self._counted)
+            self._counted = 0
         await self._reader.aclose()
         await self.conn.aclose()
         await self.conn.connection_pool.disconnect()
@@ -351,7 +354,7 @@ class EventHub:
             self._count_feeds()
 
     def _count_feeds(self) -> None:
-        if self.watched_jobs is not None:
+        if self.watched_jobs is not None and not self.closed:
             self.watched_jobs.inc(len(self.feeds) - self._counted)
             self._counted = len(self.feeds)
 

@@ -6,8 +6,9 @@ ready, so with a thousand busy streams one turn can take hundreds of millisecond
 shares that loop waits for it: gRPC's intake of new calls, and a probe. Each loop therefore has a
 thread of its own: a turn of one no longer delays the others (they share the GIL, which a busy
 thread hands over every few milliseconds). `LoopWatch` records that each loop still turns, for
-liveness. Short blocking work (Redis round trips) from any loop runs on one bounded pool,
-`BlockingPool`, so EDM_BLOCKING_THREADS bounds the process, not each loop.
+liveness. Short blocking work (Redis round trips) of the REST and gRPC loops runs on one bounded
+pool (`use_pool`, `blocking`), so EDM_BLOCKING_THREADS bounds the requests' Redis work in the
+process, not per loop.
 """
 
 from __future__ import annotations
@@ -53,11 +54,25 @@ class LoopThread:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
+        try:
+            self.loop.run_forever()
+        finally:  # what asyncio.run does at its end
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.run_until_complete(self.loop.shutdown_default_executor())
+            self.loop.close()
 
-    async def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Await `coro` run on this loop, from a coroutine on another loop."""
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self.loop.is_closed()
+
+    async def call(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+        """Await `coro` run on this loop, from a coroutine on another loop (TimeoutError after
+        `timeout_s`: a stuck loop must not hang its caller, a shutdown say)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+        finally:
+            future.cancel()  # (no effect once it has run)
 
     def call_soon(self, callback: Callable[[], object]) -> None:
         """Run `callback` on this loop, from any thread."""
@@ -66,7 +81,7 @@ class LoopThread:
     def stop(self, timeout_s: float = 5.0) -> None:
         """Cancel what still runs on the loop, stop it and close it (from another thread)."""
         if not self._thread.is_alive():
-            if not self.loop.is_closed() and not self.loop.is_running():
+            if self._thread.ident is None and not self.loop.is_closed():  # never started
                 self.loop.close()
             return
 
@@ -82,20 +97,23 @@ class LoopThread:
             log.warning("tasks of the %s loop did not end in %.0f s", self.name, timeout_s)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout_s)
-        if not self._thread.is_alive():
-            self.loop.close()
+        if self._thread.is_alive():
+            log.warning("the %s loop did not stop in %.0f s", self.name, timeout_s)
 
 
 class LoopWatch:
     """When each of the gateway's loops last turned. Each loop runs `beat(name)`; `stalled()` names
     the loops that have not turned for `stall_s` (liveness fails then: a loop that stops turning
-    serves nobody, whatever the other loops answer)."""
+    serves nobody, whatever the other loops answer). `rest_listening`: whether the REST server takes
+    connections, as `edm-serve gateway` reports it (None: not reported), so that the probe port does
+    not call a gateway healthy before its REST port listens or after it has closed."""
 
     def __init__(self, stall_s: float, every_s: float = 0.5, clock: Callable[[], float] = time.monotonic):
         self.stall_s = stall_s
         self.every_s = every_s
         self.clock = clock
         self.turned: dict[str, float] = {}
+        self.rest_listening: bool | None = None
 
     async def beat(self, name: str) -> None:
         """Record every `every_s` that this loop turns; runs until cancelled."""

@@ -25,11 +25,18 @@ class GatewayServer(uvicorn.Server):
     requests, then cancels them with a bare 500; the gateway instead ends its waiting requests and
     streams at once, each with an answer (service/app.py release_waiting)."""
 
-    def __init__(self, config: uvicorn.Config, before_shutdown: Callable[[], Awaitable[None]]):
+    def __init__(self, config: uvicorn.Config, before_shutdown: Callable[[], Awaitable[None]],
+                 serving: Callable[[bool], None] = lambda _: None):
         super().__init__(config)
         self.before_shutdown = before_shutdown
+        self.serving = serving  # told when the REST port starts and stops taking connections
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.serving(not self.should_exit)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.serving(False)
         await self.before_shutdown()
         await super().shutdown(sockets)
 
@@ -101,5 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=5, http=header_deadline(settings.header_timeout_s))
-    GatewayServer(config, before_shutdown=lambda: release_waiting(app)).run()
+    app.state.loops.rest_listening = False  # the probe port says so until uvicorn listens (GatewayServer.startup)
+    GatewayServer(config, before_shutdown=lambda: release_waiting(app),
+                  serving=lambda listening: setattr(app.state.loops, "rest_listening", listening)).run()
     return 0

@@ -61,11 +61,15 @@ class ProbeServer:
     async def start(self) -> ProbeServer:
         self.thread = LoopThread("probes").start()
         self._serving = asyncio.run_coroutine_threadsafe(self.server.serve(sockets=[self.socket]), self.thread.loop)
-        while not self.server.started:
-            if self._serving.done():
-                self._serving.result()  # raises what stopped it
-                raise RuntimeError("the probe server stopped while starting")
-            await asyncio.sleep(0.01)
+        try:
+            while not self.server.started:
+                if self._serving.done():
+                    self._serving.result()  # raises what stopped it
+                    raise RuntimeError("the probe server stopped while starting")
+                await asyncio.sleep(0.01)
+        except BaseException:
+            await self.stop()
+            raise
         log.info("probes listening on %s", self.address, extra={"probe_port": self.port})
         return self
 

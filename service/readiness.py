@@ -102,7 +102,10 @@ class ReadinessMonitor:
                 log.info("readiness: %s", "not ready: " + answer.detail if isinstance(answer, Problem) else "ready")
             self._ready = ready
             for listener in list(self.listeners):
-                listener(ready)
+                try:
+                    listener(ready)
+                except Exception:  # noqa: BLE001 - one listener's failure must not keep the news from the others
+                    log.exception("readiness listener failed")
 
     async def start(self) -> None:
         """The first check (on the pool of the caller's loop), then one every `interval_s` on the thread."""

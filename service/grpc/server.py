@@ -36,6 +36,7 @@ log = logging.getLogger("service.grpc")
 # calls slowly), with CANCELLED and no handler ever seeing it. The client's deadline decides
 # instead; past the gateway's limits a handler answers RESOURCE_EXHAUSTED.
 INTAKE = [("grpc.server_max_unrequested_time_in_server", 24 * 3600)]
+STOP_TIMEOUT_S = 3.0  # a stuck gRPC loop must not hold the gateway's shutdown
 
 
 class GrpcServer:
@@ -61,7 +62,9 @@ class GrpcServer:
         try:
             await self.thread.call(self._start())
         except BaseException:
-            self.thread.stop()
+            if self.hub is not None:
+                await self.thread.call(self.hub.close(), timeout_s=STOP_TIMEOUT_S)
+            await asyncio.get_running_loop().run_in_executor(None, self.thread.stop)
             raise
         self.state.readiness.listeners.append(self._readiness_changed)
         await self.thread.call(self._follow_readiness())  # after the listener: no change is missed
@@ -95,8 +98,9 @@ class GrpcServer:
         await server.start()
 
     def _readiness_changed(self, ready: bool) -> None:
-        """From the readiness monitor's thread: health follows on the gRPC loop."""
-        asyncio.run_coroutine_threadsafe(self._follow_readiness(), self.thread.loop)
+        """From the readiness monitor's thread: health follows on the gRPC loop (unless it has stopped)."""
+        if self.thread.running:
+            self.thread.call_soon(lambda: self.thread.loop.create_task(self._follow_readiness()))
 
     async def begin_stop(self) -> None:
         """From now on calls that end leave their jobs alone (a stopping gateway cancels nothing),
@@ -107,7 +111,11 @@ class GrpcServer:
             if self.hub is not None:
                 await self.hub.close()
 
-        await self.thread.call(on_loop())
+        try:
+            if self.thread.running:
+                await self.thread.call(on_loop(), timeout_s=STOP_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("the gRPC loop did not end its waiting calls in time")
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """Health says NOT_SERVING, then the server stops (open streams end UNAVAILABLE, their jobs
@@ -125,7 +133,11 @@ class GrpcServer:
             if self.hub is not None:
                 await self.hub.close()
 
-        await self.thread.call(on_loop())
+        try:
+            if self.thread.running:
+                await self.thread.call(on_loop(), timeout_s=grace_s + STOP_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("the gRPC server did not stop in time; stopping its loop")
         await asyncio.get_running_loop().run_in_executor(None, self.thread.stop)
         log.info("gRPC stopped")
 

@@ -20,8 +20,12 @@ router = APIRouter(tags=["health"])
 
 @router.get("/healthz")
 async def healthz(request: Request) -> dict[str, str]:
-    """The process is up and its event loops turn (it does not look at Redis or workers)."""
-    stalled = request.app.state.loops.stalled()
+    """The process is up, its REST server listens and its event loops turn (it does not look at Redis
+    or workers)."""
+    loops = request.app.state.loops
+    if loops.rest_listening is False:
+        raise Problem(503, "the REST server is not listening (starting or stopping)", headers={"Retry-After": "1"})
+    stalled = loops.stalled()
     if stalled:
         raise Problem(503, "event loops not turning: " + ", ".join(f"{name} for {s} s" for name, s in stalled.items()),
                       stalled=stalled)

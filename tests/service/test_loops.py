@@ -73,15 +73,19 @@ def probes() -> Any:
     state = SimpleNamespace(readiness=Ready(), loops=LoopWatch(stall_s=0.6, every_s=0.1),
                             metrics=SimpleNamespace(registry=registry))
     side = LoopThread("rest-stand-in").start()
-    side.call_soon(lambda: side.loop.create_task(state.loops.beat("rest")))
+    try:
+        side.call_soon(lambda: side.loop.create_task(state.loops.beat("rest")))
 
-    async def start() -> ProbeServer:
-        return await ProbeServer(state, "127.0.0.1", 0).start()
+        async def start() -> ProbeServer:
+            return await ProbeServer(state, "127.0.0.1", 0).start()
 
-    server = asyncio.run(start())  # its loop is its own thread's; this one only starts it
-    yield SimpleNamespace(url=f"http://127.0.0.1:{server.port}", state=state, side=side)
-    side.stop()
-    asyncio.run(server.stop())
+        server = asyncio.run(start())  # its loop is its own thread's; this one only starts it
+        try:
+            yield SimpleNamespace(url=f"http://127.0.0.1:{server.port}", state=state, side=side)
+        finally:
+            asyncio.run(server.stop())
+    finally:
+        side.stop()
 
 
 def test_the_probe_port_answers_health_readiness_and_metrics(probes: Any) -> None:
@@ -101,11 +105,20 @@ def test_liveness_fails_while_a_loop_is_stuck_and_the_probe_port_still_answers(p
     time.sleep(1.0)
     started = time.monotonic()
     answer = httpx.get(probes.url + "/healthz", timeout=5)
-    assert time.monotonic() - started < 0.5  # answered while the other loop is stuck
+    assert time.monotonic() - started < 0.9  # answered while the other loop is stuck (for 1 s more)
     assert answer.status_code == 503
     assert answer.json()["detail"].startswith("event loops not turning: rest for ")
     assert set(answer.json()["stalled"]) == {"rest"}
     time.sleep(1.5)  # the loop turns again
+    assert httpx.get(probes.url + "/healthz").status_code == 200
+
+
+def test_liveness_fails_while_the_rest_port_does_not_listen(probes: Any) -> None:
+    """edm-serve gateway reports it (GatewayServer): false before uvicorn listens and once it stops."""
+    probes.state.loops.rest_listening = False
+    answer = httpx.get(probes.url + "/healthz")
+    assert answer.status_code == 503 and "not listening" in answer.json()["detail"]
+    probes.state.loops.rest_listening = True
     assert httpx.get(probes.url + "/healthz").status_code == 200
 
 
