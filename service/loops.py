@@ -14,6 +14,7 @@ process, not per loop.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import threading
 import time
@@ -37,7 +38,8 @@ async def blocking(call: Callable[[], T]) -> T:
     """Run a short blocking call (Redis work) on the gateway's bounded pool (EDM_BLOCKING_THREADS),
     or the loop's default executor where no gateway pool is set (tests of one part)."""
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_pools.get(loop), call)
+    context = contextvars.copy_context()  # the request's id and the like reach the call's logs
+    return await loop.run_in_executor(_pools.get(loop), context.run, call)
 
 
 class LoopThread:

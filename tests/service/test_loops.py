@@ -4,6 +4,7 @@ server on a loop of its own (real uvicorn, real HTTP)."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +54,17 @@ def test_blocking_runs_on_the_pool_set_for_its_loop() -> None:
         pool.shutdown()
     assert here.startswith("edm-test-pool") and there.startswith("edm-test-pool")
     assert not unset.startswith("edm-test-pool")
+
+
+def test_blocking_calls_see_the_callers_context() -> None:
+    """Logs written in a blocking call carry the request's id (a context variable set by the middleware)."""
+    request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
+
+    async def main() -> str:
+        request_id.set("r-42")
+        return await blocking(request_id.get)
+
+    assert asyncio.run(main()) == "r-42"
 
 
 def test_the_loop_watch_names_a_loop_that_stopped_turning() -> None:
