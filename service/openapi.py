@@ -164,7 +164,13 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         200: Answer("every model with its source, recommended settings and card", schema="ModelsResponse"),
         **EVERY_ROUTE,
     }),
-    ("GET", "/healthz"): Operation("healthz", {200: Answer("the process is up"), **EVERY_ROUTE}, auth=False),
+    ("GET", "/healthz"): Operation("healthz", {
+        200: Answer("the process is up and its event loops turn"),
+        503: Answer("an event loop (REST, gRPC, probes) has not turned for EDM_LOOP_STALL_S (`stalled`: which, for "
+                    "how many seconds), or the REST server is not listening (starting, stopping)",
+                    {"Retry-After": RETRY_AFTER}),
+        **EVERY_ROUTE,
+    }, auth=False),
     ("GET", "/readyz"): Operation("readyz", {
         200: Answer("Redis answers and every model has a live worker (`workers`: how many per model)"),
         503: Answer("not ready: the gateway is starting or stopping, Redis is unreachable, or a model has no live "

@@ -28,7 +28,7 @@ async def healthz(request: Request) -> dict[str, str]:
     stalled = loops.stalled()
     if stalled:
         raise Problem(503, "event loops not turning: " + ", ".join(f"{name} for {s} s" for name, s in stalled.items()),
-                      stalled=stalled)
+                      stalled=stalled, headers={"Retry-After": "1"})
     return {"status": "ok"}
 
 
