@@ -56,6 +56,7 @@ class GrpcServer:
         self._serving: bool | None = None
         self._beat: asyncio.Task[None] | None = None
         self._health_lock: asyncio.Lock | None = None
+        self._following: set[asyncio.Task[None]] = set()
 
     async def start(self) -> GrpcServer:
         self.thread.start()
@@ -100,7 +101,12 @@ class GrpcServer:
     def _readiness_changed(self, ready: bool) -> None:
         """From the readiness monitor's thread: health follows on the gRPC loop (unless it has stopped)."""
         if self.thread.running:
-            self.thread.call_soon(lambda: self.thread.loop.create_task(self._follow_readiness()))
+            self.thread.call_soon(self._follow_readiness_soon)
+
+    def _follow_readiness_soon(self) -> None:
+        task = self.thread.loop.create_task(self._follow_readiness())
+        self._following.add(task)  # a reference until it has run
+        task.add_done_callback(self._following.discard)
 
     async def begin_stop(self) -> None:
         """From now on calls that end leave their jobs alone (a stopping gateway cancels nothing),
