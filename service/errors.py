@@ -67,16 +67,22 @@ def internal_error() -> Problem:
 
 
 def problem_response(problem: Problem, request: Request | None = None) -> JSONResponse:
+    body = problem_document(problem, None if request is None else request.url.path)
+    return JSONResponse(body, status_code=problem.status, headers=problem.headers, media_type=PROBLEM_JSON)
+
+
+def problem_document(problem: Problem, path: str | None = None) -> dict[str, Any]:
+    """The problem+json body; `path`, the request's, becomes `instance`."""
     body: dict[str, Any] = {"type": problem.type, "title": problem.title, "status": problem.status,
                             "detail": problem.detail}
     if problem.field is not None:
         body["field"] = problem.field
-    if request is not None and len(request.url.path) <= 512:  # a longer path is not echoed back
-        body["instance"] = request.url.path
+    if path is not None and len(path) <= 512:  # a longer path is not echoed back
+        body["instance"] = path
     if logs.request_id.get():
         body["request_id"] = logs.request_id.get()
     body.update(problem.extra)
-    return JSONResponse(body, status_code=problem.status, headers=problem.headers, media_type=PROBLEM_JSON)
+    return body
 
 
 _UNION_TAG = re.compile(r"^(int|str|float|bool|none|list\[.*\]|dict\[.*\]|literal\[.*\]|function-.*|"

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.errors import Problem
+from service.loops import LoopWatch
 
 router = APIRouter(tags=["health"])
 
@@ -22,7 +23,11 @@ router = APIRouter(tags=["health"])
 async def healthz(request: Request) -> dict[str, str]:
     """The process is up, its REST server listens and its event loops turn (it does not look at Redis
     or workers)."""
-    loops = request.app.state.loops
+    return liveness(request.app.state.loops)
+
+
+def liveness(loops: LoopWatch) -> dict[str, str]:
+    """The /healthz answer (raises its Problem when not live); the probe port's too."""
     if loops.rest_listening is False:
         raise Problem(503, "the REST server is not listening (starting or stopping)", headers={"Retry-After": "1"})
     stalled = loops.stalled()
