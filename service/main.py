@@ -21,7 +21,7 @@ from contract.logs import setup_logging
 SWITCH_INTERVAL_S = 0.001  # Python's default is 0.005
 # Python's cyclic garbage collector stops every thread while it runs: with a thousand open streams,
 # a collection of the older generations took about 100 ms, and a probe waited for it (probe-port
-# p99 73-106 ms at 1,000 SSE readers with the defaults, 17-22 ms with these; bench/gateway_scale.py).
+# p99 53-100 ms at 1,000 SSE readers with the defaults, 15-25 ms with these; bench/gateway_scale.py).
 # Young collections every 20,000 allocations instead of 700; the older ones keep their ratios' order.
 GC_THRESHOLDS = (20_000, 20, 20)
 
