@@ -22,7 +22,8 @@ SWITCH_INTERVAL_S = 0.001  # Python's default is 0.005
 # Python's cyclic garbage collector stops every thread while it runs: with a thousand open streams,
 # a collection of the older generations took about 100 ms, and a probe waited for it (probe-port
 # p99 53-100 ms at 1,000 SSE readers with the defaults, 15-25 ms with these; bench/gateway_scale.py).
-# Young collections every 20,000 allocations instead of 700; the older ones keep their ratios' order.
+# Young collections every 20,000 allocations instead of 700; each older generation is collected at
+# every 20th collection of the one below it (default: 10th).
 GC_THRESHOLDS = (20_000, 20, 20)
 
 

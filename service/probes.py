@@ -28,8 +28,8 @@ log = logging.getLogger("service.probes")
 class ProbeApp:
     """A bare ASGI app for GET /healthz, /readyz and /metrics, answering from the gateway's state
     (`loops`, `readiness`, `metrics`) with the REST port's answers (service/routes/health.py).
-    Bare, not FastAPI: a probe then takes a few hundred microseconds of the GIL, not a few
-    milliseconds, so the busy loops beside it delay it less."""
+    Bare, not FastAPI: a probe runs far less Python, so it needs the GIL, which the busy loops
+    beside it hold, for less time."""
 
     def __init__(self, state: Any):
         self.state = state
