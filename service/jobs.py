@@ -80,20 +80,23 @@ def check_job_size(spec: JobSpec, body: GenerateRequest, limit: int) -> None:
                   f"the limit of {limit} per request: at most {limit // per_image} images at these settings")
 
 
-def retry_after_s(excess_nfe: int, workers: list[WorkerInfo]) -> int:
-    """Seconds until the workers' measured rate (the sum of their heartbeats' nfe_per_s) has taken
-    `excess_nfe` off the queue: ceil(excess / rate), at least 1 and at most RETRY_AFTER_MAX_S;
-    RETRY_AFTER_UNKNOWN_S while no worker has measured a rate yet (or none is alive)."""
-    rate = sum(w.nfe_per_s for w in workers)
+def measured_rate(workers: list[WorkerInfo]) -> float:
+    """The live workers' network evaluations per second: the sum of their heartbeats' nfe_per_s."""
+    return sum(w.nfe_per_s for w in workers)
+
+
+def retry_after_s(excess_nfe: int, rate: float) -> int:
+    """Seconds until the workers' measured rate has taken `excess_nfe` off the queue: ceil(excess /
+    rate), at least 1 and at most RETRY_AFTER_MAX_S; RETRY_AFTER_UNKNOWN_S while no worker has
+    measured a rate yet (or none is alive)."""
     if rate <= 0:
         return RETRY_AFTER_UNKNOWN_S
     return min(RETRY_AFTER_MAX_S, max(1, math.ceil(excess_nfe / rate)))
 
 
 def _queue_full(full: QueueFull, nfe: int, ledger: Ledger) -> Problem:
-    workers = ledger.live_workers()
-    wait = retry_after_s(full.queued + nfe - full.limit, workers)
-    rate = sum(w.nfe_per_s for w in workers)
+    rate = measured_rate(ledger.live_workers())
+    wait = retry_after_s(full.queued + nfe - full.limit, rate)
     pace = f"the workers take {rate:g} per second" if rate > 0 else "the workers' rate is not measured yet"
     return Problem(429, f"the queue holds {full.queued} network evaluations and this job needs {nfe} (limit "
                    f"{full.limit}); {pace}: retry in about {wait} s", headers={"Retry-After": str(wait)},

@@ -124,20 +124,17 @@ class GrpcServer:
             log.warning("the gRPC loop did not end its waiting calls in time")
 
     async def stop(self, grace_s: float = 2.0) -> None:
-        """Health says NOT_SERVING, then the server stops (open streams end UNAVAILABLE, their jobs
-        go on), then its loop."""
+        """Waiting calls and streams end (begin_stop: UNAVAILABLE, their jobs go on), health says
+        NOT_SERVING, the server stops, then its loop."""
         if self._readiness_changed in self.state.readiness.listeners:
             self.state.readiness.listeners.remove(self._readiness_changed)
+        await self.begin_stop()  # (done already when the gateway stops: service/app.py release_waiting)
 
         async def on_loop() -> None:
-            if self.stopping is not None:
-                self.stopping.set()
             if self._health is not None:
                 await self._health.enter_graceful_shutdown()
             if self._server is not None:
                 await self._server.stop(grace_s)
-            if self.hub is not None:
-                await self.hub.close()
 
         try:
             if self.thread.running:
