@@ -8,6 +8,7 @@ While it runs, the worker writes `Progress`; each live worker publishes a `Worke
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from typing import Any
 
@@ -75,14 +76,21 @@ class SamplerParams(BaseModel):
 
     def schedule_on(self, card: ModelCard) -> EffectiveSchedule:
         """The schedule these settings give on the model (model/numerics.py), computed in float64; raises
-        SettingsError naming the setting when the sampler could not compute it. Gateway and worker both ask."""
-        return check_schedule(NetworkRange.of(card), **self.settings_kwargs())
+        SettingsError naming the setting when the sampler could not compute it. Gateway and worker both ask,
+        once per request and per claimed job: the answer is remembered per (network range, settings)."""
+        return _schedule_on(NetworkRange.of(card), self)
 
     def settings_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for model.generate.SamplerSettings (S_max None -> inf)."""
         kwargs = self.model_dump()
         kwargs["S_max"] = math.inf if self.S_max is None else self.S_max
         return kwargs
+
+
+@functools.lru_cache(maxsize=4096)
+def _schedule_on(net: NetworkRange, sampler: SamplerParams) -> EffectiveSchedule:
+    """check_schedule, cached: it is a pure function of its inputs (a refusal raises and is not kept)."""
+    return check_schedule(net, **sampler.settings_kwargs())
 
 
 class JobSpec(BaseModel):

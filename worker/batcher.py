@@ -25,6 +25,8 @@ class Claimed:
     started: bool = False
     sampling_s: float = 0.0
     images: list[ImageInfo] = field(default_factory=list)  # in index order
+    preview_every: int = 0  # k > 0: x0 previews with every k-th evaluation (read at the claim)
+    stored: dict[int, ImageInfo] = field(default_factory=dict)  # stored by an earlier run, by index
 
     @property
     def remaining(self) -> int:

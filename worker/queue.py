@@ -298,34 +298,58 @@ class WorkerQueue:
         return self._load([(job_id, int(claim))])
 
     def _load(self, claimed: list[tuple[str, int]]) -> list[Claimed]:
+        """The claimed jobs, read in one round trip: RQ's record (the spec), when each was queued, its
+        preview setting and the images an earlier run stored."""
         if not claimed:
             return []
         ids = [job_id for job_id, _ in claimed]
         self.claims.update(claimed)
         with self._lost_lock:
             self._lost -= set(ids)
-        jobs = Job.fetch_many(ids, connection=self.conn, serializer=JSONSerializer)
         with self.conn.pipeline(transaction=False) as pipe:
             for job_id in ids:
-                pipe.hget(Keys.job(job_id), "created")
-            created = pipe.execute()
+                pipe.hgetall(Keys.rq_job(job_id))
+                pipe.hmget(Keys.job(job_id), "created", PREVIEW_FIELD)
+                pipe.hgetall(Keys.images(job_id))
+            replies = pipe.execute()
+        stored = self._still_stored({job_id: replies[3 * k + 2] for k, job_id in enumerate(ids)})
         out, unreadable = [], []
-        for job_id, job, created_at in zip(ids, jobs, created, strict=True):
-            if job is None or created_at is None:  # expired or deleted under us: drop the id
+        for k, job_id in enumerate(ids):
+            record, (created_at, previews) = replies[3 * k], replies[3 * k + 1]
+            if not record or created_at is None:  # expired or deleted under us: drop the id
                 self.conn.lrem(self.claimed_key, 1, job_id)
                 self._forget([job_id])
                 continue
             try:
+                job = Job(job_id, connection=self.conn, serializer=JSONSerializer)
+                job.restore(record)
                 spec = JobSpec.model_validate(job.kwargs["spec"])
             except Exception as error:  # e.g. a field from a newer gateway during a rolling upgrade
                 reason = "this worker cannot read the job: " + " ".join(str(error).split())
                 log.warning("claimed a job it cannot read", extra={"job_id": job_id, "reason": reason})
                 unreadable.append(Outcome(job_id, JobStatus.failed, error=reason[:1000]))
                 continue
-            out.append(Claimed(job_id, spec, float(created_at)))
+            out.append(Claimed(job_id, spec, float(created_at), preview_every=max(0, int(previews or 0)),
+                               stored=stored[job_id]))
         if unreadable:
             self.finish(unreadable)
         return out
+
+    def _still_stored(self, replies: dict[str, dict[bytes, bytes]]) -> dict[str, dict[int, ImageInfo]]:
+        """Job id -> the images an earlier run stored whose PNG is still there, by index."""
+        infos = {job_id: {int(text(k)): ImageInfo.model_validate_json(v) for k, v in reply.items()}
+                 for job_id, reply in replies.items()}
+        checks = [(job_id, index) for job_id, images in infos.items() for index in sorted(images)]
+        if not checks:
+            return infos
+        with self.conn.pipeline(transaction=False) as pipe:
+            for job_id, index in checks:
+                pipe.exists(Keys.png(job_id, index))
+            present = pipe.execute()
+        for (job_id, index), there in zip(checks, present, strict=True):
+            if not there:
+                del infos[job_id][index]
+        return infos
 
     def unclaim(self, jobs: list[Claimed]) -> None:
         """Give jobs back to the front of their queues, in their order (no rerun counted)."""
@@ -468,26 +492,6 @@ class WorkerQueue:
         lost = {stores[i - 1][0] for i in self._store(keys=keys, args=args)}
         self._refused(lost, "image")
         return lost
-
-    def stored_images(self, ids: list[str]) -> dict[str, dict[int, ImageInfo]]:
-        """For each job, the images an earlier run stored (and whose PNG is still there), by index."""
-        with self.conn.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hgetall(Keys.images(job_id))
-            replies = pipe.execute()
-        infos = {job_id: {int(text(k)): ImageInfo.model_validate_json(v) for k, v in reply.items()}
-                 for job_id, reply in zip(ids, replies, strict=True)}
-        checks = [(job_id, index) for job_id in ids for index in sorted(infos[job_id])]
-        if not checks:
-            return infos
-        with self.conn.pipeline(transaction=False) as pipe:
-            for job_id, index in checks:
-                pipe.exists(Keys.png(job_id, index))
-            present = pipe.execute()
-        for (job_id, index), there in zip(checks, present, strict=True):
-            if not there:
-                del infos[job_id][index]
-        return infos
 
     def publish_progress(self, events: list[tuple[str, dict[str, Any], list[Frame]]]) -> set[str]:
         """Append (job id, data, frames) progress events to the streams of the jobs still held: one script

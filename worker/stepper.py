@@ -215,18 +215,16 @@ class StepWorker(Worker):
         now = time.time()
         if not claimed:
             return
-        ids = [job.id for job in claimed]
-        previews, stored_by_id = self.queue.preview_every(ids), self.queue.stored_images(ids)
         for job in claimed:
             problem = self.engine.check(job.spec)
             if problem is not None:
                 self._end([(job, Outcome(job.id, JobStatus.failed, error=problem))])
                 continue
-            stored = stored_by_id[job.id]
+            stored = dict(job.stored)
             settings = SamplerSettings(**job.spec.sampler.settings_kwargs())
             flight = Flight(job, now, [k for k in range(job.spec.num_images) if k not in stored], stored, settings,
                             nfe_before=len(stored) * job.spec.sampler.nfe_per_image)
-            flight.previews_every = previews.get(job.id, 0)
+            flight.previews_every = job.preview_every
             self.flights[job.id] = flight
             if stored:
                 log.info("resuming a job: %d of %d images already stored", len(stored), job.spec.num_images,

@@ -3,6 +3,7 @@ half-way: cancelling a queued job, Idempotency-Key races."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -73,6 +74,25 @@ def test_idempotency_key_of_an_expired_job_makes_a_new_job(redis_conn: redis.Red
     new, created = ledger.submit(spec(1), "o", idempotency_key="k", body_hash="h")
     assert created and new != old
     assert ledger.submit(spec(1), "o", idempotency_key="k", body_hash="h") == (new, False)
+
+
+def test_concurrent_submissions_of_one_gateway_take_turns_instead_of_trying_again(redis_conn: redis.Redis) -> None:
+    """Every submission adds to edm:queued_nfe, which the others WATCH: without turns, a burst of them
+    keeps undoing each other (4.2 tries per job measured with 64 at once)."""
+    ledger = book(redis_conn)
+
+    def watches() -> int:
+        return int(redis_conn.info("commandstats").get("cmdstat_watch", {}).get("calls", 0))
+
+    before = watches()
+    ledger.submit(spec(0), "o", max_queued_nfe=10**9)
+    per_job = watches() - before
+    before = watches()
+    with ThreadPoolExecutor(16) as pool:
+        ids = list(pool.map(lambda seed: ledger.submit(spec(seed), "o", max_queued_nfe=10**9)[0], range(1, 49)))
+    assert len(set(ids)) == 48 and redis_conn.llen(Keys.queue(MODEL)) == 49
+    assert watches() - before == 48 * per_job  # not one submission had to try again
+    assert ledger.queued_nfe() == 49 * spec(0).nfe_total
 
 
 def ledger_jobs(conn: redis.Redis) -> int:
