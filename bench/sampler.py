@@ -96,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    from model.allocator import reuse_freed_memory
     from model.generate import generate
+
+    reuse_freed_memory()  # as the worker and `edm-serve sample` do
     from model.samplers import SamplerSettings
 
     net, name = build(args)

@@ -31,16 +31,19 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 
 class InProcess:
-    """The sampler called directly (model.generate.generate), on one thread, in this process."""
+    """The sampler called directly (model.generate.generate), on one thread, in this process, with the
+    allocator set as the worker sets it."""
 
     def __init__(self, model: Path, steps: int, device: str, dtype: str):
         import torch
 
+        from model.allocator import reuse_freed_memory
         from model.checkpoint import load_model
         from model.generate import SamplerSettings, generate
         from worker.engine import DTYPES
 
         torch.set_num_threads(1)
+        reuse_freed_memory()  # as the worker and `edm-serve sample` do
         self.net = load_model(model, device=device).net
         if dtype != "auto":
             self.net.compute_dtype = DTYPES[dtype]

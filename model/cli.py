@@ -207,8 +207,11 @@ def sample_main(argv: list[str]) -> int:
     import torch
     import tqdm
 
+    from model.allocator import reuse_freed_memory
     from model.generate import generate
     from model.images import encode_png
+
+    reuse_freed_memory()  # as the worker does: forward passes reuse their activations' memory
 
     settings = settings_from_args(args)
     try:

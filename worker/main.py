@@ -65,6 +65,7 @@ def run(settings) -> int:  # noqa: ANN001 - WorkerSettings, imported lazily abov
 
     from contract.ledger import connect
     from contract.models import LogProgress, catalog_card_json, configured_models
+    from model.allocator import reuse_freed_memory
     from worker.engine import Engine
     from worker.metrics import WorkerMetrics
     from worker.queue import WorkerQueue
@@ -87,6 +88,7 @@ def run(settings) -> int:  # noqa: ANN001 - WorkerSettings, imported lazily abov
                                                       "total_bytes": total})
 
     torch.set_num_threads(settings.torch_threads)
+    reuse_freed_memory()  # forward passes reuse their activations' memory (model/allocator.py)
     conn = connect(settings.redis_url, settings.redis_timeout_s)
     queue = WorkerQueue(conn, worker_id(settings.name), result_ttl_s=settings.result_ttl_s,
                         failure_ttl_s=settings.failure_ttl_s, heartbeat_ttl_s=settings.heartbeat_ttl_s,
