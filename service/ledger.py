@@ -70,6 +70,12 @@ def _float(value: Any) -> float | None:
 
 # -- the gateway's operations ---------------------------------------------------------------------
 
+# A turn takes a few milliseconds. One that waits longer is behind a slow or absent Redis: it goes
+# without its turn (the transaction is still correct, only retried more) rather than queue behind
+# every other request's timeout.
+SUBMIT_TURN_WAIT_S = 1.0
+
+
 class Ledger:
     """The gateway's view of the ledger. Every method may raise redis.RedisError."""
 
@@ -107,8 +113,12 @@ class Ledger:
         `preview_every` (k > 0: x0 previews with every k-th evaluation) is written in that transaction
         too: a worker may claim the job at once and reads it then. Submissions from this process take
         turns; those of other gateways and the workers' claims may still make one try again."""
-        with self._submitting:
+        turn = self._submitting.acquire(timeout=SUBMIT_TURN_WAIT_S)
+        try:
             return self._submit(spec, owner, idempotency_key, body_hash, preview_every, max_queued_nfe)
+        finally:
+            if turn:
+                self._submitting.release()
 
     def _submit(self, spec: JobSpec, owner: str, idempotency_key: str | None, body_hash: str, preview_every: int,
                 max_queued_nfe: int | None) -> tuple[str, bool]:

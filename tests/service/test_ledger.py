@@ -3,6 +3,7 @@ half-way: cancelling a queued job, Idempotency-Key races."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -93,6 +94,20 @@ def test_concurrent_submissions_of_one_gateway_take_turns_instead_of_trying_agai
     assert len(set(ids)) == 48 and redis_conn.llen(Keys.queue(MODEL)) == 49
     assert watches() - before == 48 * per_job  # not one submission had to try again
     assert ledger.queued_nfe() == 49 * spec(0).nfe_total
+
+
+def test_a_submission_that_waits_too_long_for_its_turn_goes_without_it(redis_conn: redis.Redis,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Turns must not queue every request behind a slow Redis: past the wait, a submission goes ahead."""
+    monkeypatch.setattr(service.ledger, "SUBMIT_TURN_WAIT_S", 0.2)
+    ledger = book(redis_conn)
+    with ledger._submitting:  # another submission, stuck
+        started = time.monotonic()
+        job_id, created = ledger.submit(spec(1), "o", max_queued_nfe=10**9)
+        waited = time.monotonic() - started
+    assert created and redis_conn.lpos(Keys.queue(MODEL), job_id) == 0
+    assert 0.2 <= waited < 2.0
+    assert ledger.submit(spec(2), "o", max_queued_nfe=10**9)[1]  # the turn was not kept
 
 
 def ledger_jobs(conn: redis.Redis) -> int:
