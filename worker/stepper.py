@@ -5,10 +5,13 @@ step of its own sampler, and each forward pass carries images of every job in fl
 settings. One turn of the loop:
 
 1. cancelled jobs leave their rows;
-2. jobs are claimed while the tables have room for more images (no fill window);
+2. the jobs claimed during the last pass are taken in;
 3. waiting images enter free rows (admission, below);
-4. one forward pass of one model's table (models with work take turns, one pass each);
-5. finished images, progress and terminal states go to the writer thread (worker/writer.py): the
+4. while the tables have room for more images, a claim starts on a thread of its own (no fill
+   window): it takes what is queued or waits, about as long as a pass, for the next job, so its
+   Redis round trips run beside the forward pass, not before it;
+5. one forward pass of one model's table (models with work take turns, one pass each);
+6. finished images, progress and terminal states go to the writer thread (worker/writer.py): the
    loop does not wait for PNG encoding or Redis.
 
 Admission is first come, first served by claim order, in cohorts of at most EDM_COHORT_ROWS images
@@ -42,6 +45,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +121,9 @@ class StepWorker(Worker):
         self._flagged: set[str] = set()  # cancellation flags read by the writer's progress reports
         self._rate_nfe = self._rate_s = 0.0  # evaluations and busy seconds, decayed over RATE_WINDOW_S
         self._rate_mark: float | None = None  # end of the last pass, unless the worker was idle since
+        self._claimer = ThreadPoolExecutor(1, thread_name_prefix="claim")
+        self._claiming: Future[list[Claimed]] | None = None  # the claim that runs during the pass
+        self._last_pass_s = 0.0
 
     # lifecycle
 
@@ -126,6 +133,7 @@ class StepWorker(Worker):
             return super().run()
         finally:
             self.writer.stop()
+            self._claimer.shutdown(wait=True)
 
     def _should_exit(self) -> bool:
         if self.hung or self.stop_requests > 1:
@@ -142,6 +150,7 @@ class StepWorker(Worker):
         """At exit: what the writer holds is written first; then every claimed id not ended goes back."""
         if not self.hung:
             self.writer.flush(timeout_s=30.0)
+        self._settle_claim()  # what it claimed is in the claimed list: retire() gives it back
         for table in self.tables.values():
             for group in table.groups():
                 table.cancel(group)
@@ -149,6 +158,7 @@ class StepWorker(Worker):
         super()._give_back()
 
     def _recover(self, error: Exception) -> None:
+        self._settle_claim()
         for table in self.tables.values():
             for group in table.groups():
                 table.cancel(group)
@@ -178,6 +188,7 @@ class StepWorker(Worker):
         self._cancel_flagged()
         draining = bool(self.stop_requests)
         if draining:
+            self._adopt(self._settle_claim())
             self._give_back_unstarted()
         else:
             self._claim()
@@ -188,28 +199,78 @@ class StepWorker(Worker):
             self.last_pass_at = time.monotonic()  # idle is not hung: the clock starts with the next work
             self._rate_mark = None  # waiting for work is not part of the rate
             if not self.flights and not draining:
-                self._reconcile()
-                self._adopt(self._wait_for_work())
+                self._adopt(self._settle_claim())
+                if not self.flights:
+                    self._reconcile()
+                    self._adopt(self._wait_for_work())
             return
         self.state = State.busy
+        if not draining:
+            self._start_claim()
         self._pass()
 
+    # claims: the Redis round trips run on a thread of their own while the pass runs
+
     def _claim(self) -> None:
-        """Claim jobs while a table has more free rows than the claimed jobs that have no row yet can take:
-        a job already running never keeps a newer one from being claimed (and sharing the rows it frees)."""
+        """Take in the jobs that the claim which ran during the last pass brought."""
+        if self._claiming is not None and self._claiming.done():
+            claiming, self._claiming = self._claiming, None
+            self._adopt(claiming.result())  # a RedisError reaches the main loop, as a claim of its own would
+
+    def _settle_claim(self) -> list[Claimed]:
+        """Wait for the claim in flight (at most about one pass) and return what it brought."""
+        claiming, self._claiming = self._claiming, None
+        if claiming is None:
+            return []
+        try:
+            return claiming.result()
+        except Exception as error:  # the ids it moved, if any, stay in the claimed list: reconciled later
+            log.warning("a claim failed: %s: %s", type(error).__name__, error)
+            return []
+
+    def _start_claim(self) -> None:
+        """Claim, beside the pass about to run, jobs while a table has more free rows than the claimed jobs
+        that have no row yet can take: a job already running never keeps a newer one from being claimed
+        (and sharing the rows it frees)."""
+        if self._claiming is not None:
+            return
         cap = self.engine.max_pass_rows
-        for model, table in self.tables.items():
+        wanted: dict[str, int] = {}
+        models = list(self.tables)
+        for model in models[self._turn % len(models):] + models[:self._turn % len(models)]:  # who waits: in turn
+            table = self.tables[model]
             running = table.rows_by_group()
-            while True:
-                waiting = sum(min(len(f.todo), cap) for f in self.flights.values()
-                              if f.job.spec.model == model and f.id not in running)
-                room = table.free_rows - waiting
-                if room <= 0:
+            waiting = sum(min(len(f.todo), cap) for f in self.flights.values()
+                          if f.job.spec.model == model and f.id not in running)
+            room = table.free_rows - waiting
+            if room > 0:
+                wanted[model] = room
+        if wanted:
+            wait_s = min(self.block_s, max(0.005, self._last_pass_s))
+            self._claiming = self._claimer.submit(self._claim_jobs, wanted, wait_s)
+
+    def _claim_jobs(self, wanted: dict[str, int], wait_s: float) -> list[Claimed]:
+        """In the claim thread: up to `wanted` jobs per model (16 per round trip); if none is queued, wait
+        up to `wait_s` (the last pass's time, at most block_s) for one of the first model's, so that a
+        job which arrives during the pass enters right after it."""
+        cap = self.engine.max_pass_rows
+        claimed: list[Claimed] = []
+        for model, room in wanted.items():
+            while room > 0:
+                asked = min(room, 16)
+                more = self.queue.claim(model, asked)
+                claimed += more
+                room -= sum(min(job.spec.num_images, cap) for job in more)
+                if len(more) < asked:
                     break
-                claimed = self.queue.claim(model, min(room, 16))
-                if not claimed:
-                    break
-                self._adopt(claimed)
+        if claimed:
+            return claimed
+        model, room = next(iter(wanted.items()))
+        claimed = self.queue.claim_blocking(model, wait_s)
+        room -= sum(min(job.spec.num_images, cap) for job in claimed)
+        if claimed and room > 0:
+            claimed += self.queue.claim(model, min(room, 16))
+        return claimed
 
     def _adopt(self, claimed: list[Claimed]) -> None:
         now = time.time()
@@ -298,6 +359,7 @@ class StepWorker(Worker):
         finally:
             logs.job_id.reset(with_ids)
         elapsed = time.perf_counter() - started
+        self._last_pass_s = elapsed
         if self.hung:
             return  # our jobs are being rerun elsewhere: write nothing more
         self.last_pass_at = time.monotonic()

@@ -37,7 +37,7 @@ def spec(*seeds: int, steps: int = 3, model: str = MODEL) -> JobSpec:
 def make_worker(conn: redis.Redis, engine: Engine, name: str = "w1", **options: float) -> StepWorker:
     queue = WorkerQueue(conn, name, result_ttl_s=60, failure_ttl_s=60, heartbeat_ttl_s=5, max_reruns=2)
     return StepWorker(queue=queue, engine=engine, metrics=WorkerMetrics(), slot_rows=4, cohort_rows=2,
-                      heartbeat_interval_s=0.1, block_s=0.1, **options)  # type: ignore[arg-type]
+                      heartbeat_interval_s=0.1, block_s=options.pop("block_s", 0.1), **options)  # type: ignore[arg-type]
 
 
 def start(worker: StepWorker) -> tuple[threading.Thread, list[int]]:
@@ -108,6 +108,43 @@ def test_drain_finishes_what_is_in_the_table_and_gives_back_the_rest(redis_conn:
     record = ledger.record(big)
     assert record is not None and [image.seed for image in record.result.images] == list(range(10))  # type: ignore[union-attr]
     assert second.metrics.images.labels(MODEL)._value.get() == 10 - stored + 1
+
+
+def test_a_job_that_arrives_during_a_pass_is_claimed_before_the_pass_ends(redis_conn: redis.Redis,
+                                                                          engine: Engine) -> None:
+    """Claims run on a thread of their own beside the forward pass: the loop does not wait for them, and
+    a job that arrives while a pass runs is claimed then, to enter right after it."""
+    ledger = Ledger(redis_conn, result_ttl_s=60, failure_ttl_s=60)
+    worker = make_worker(redis_conn, engine, block_s=1.0)
+    real_step = worker.tables[MODEL].step
+    slow_passes, in_pass = [0], threading.Event()
+
+    def step() -> object:
+        if slow_passes[0] >= 0:
+            slow_passes[0] += 1
+            in_pass.set()
+            time.sleep(1.5)
+            in_pass.clear()
+        return real_step()
+
+    slow_passes[0] = -1  # fast until the long job runs
+    worker.tables[MODEL].step = step  # type: ignore[method-assign]
+    thread, _ = start(worker)
+    long, _ = ledger.submit(spec(1, steps=20), "o")
+    wait_until(lambda: worker.tables[MODEL].rows_of(long) == 1, 20, interval_s=0.01)
+    slow_passes[0] = 0
+    # From the second slow pass on, the claim beside it waits about as long as a pass for a job.
+    wait_until(lambda: slow_passes[0] >= 2 and in_pass.is_set(), 20, interval_s=0.005)
+    small, _ = ledger.submit(spec(9, steps=3), "o")
+    wait_until(lambda: redis_conn.hget(Keys.job(small), "holder") == b"w1", 5, interval_s=0.005)
+    assert in_pass.is_set() and slow_passes[0] == 2  # claimed while that pass still ran
+    wait_until(lambda: worker.tables[MODEL].rows_of(small) == 1, 10, interval_s=0.005)
+    assert slow_passes[0] in (2, 3)  # and admitted right after it
+    slow_passes[0] = -1
+    ledger.cancel(long)
+    wait_until(lambda: ledger.status(small).value == "succeeded", 30)  # type: ignore[union-attr]
+    worker.request_stop()
+    thread.join(30)
 
 
 def test_cancel_frees_rows_for_the_next_job(redis_conn: redis.Redis, engine: Engine) -> None:
