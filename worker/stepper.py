@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -122,7 +123,9 @@ class StepWorker(Worker):
         self._rate_nfe = self._rate_s = 0.0  # evaluations and busy seconds, decayed over RATE_WINDOW_S
         self._rate_mark: float | None = None  # end of the last pass, unless the worker was idle since
         self._claimer = ThreadPoolExecutor(1, thread_name_prefix="claim")
-        self._claiming: Future[list[Claimed]] | None = None  # the claim that runs during the pass
+        self._claiming: Future[None] | None = None  # the claim that runs during the pass
+        self._claimed: list[Claimed] = []  # what it has claimed so far (guarded by _claimed_lock)
+        self._claimed_lock = threading.Lock()
         self._last_pass_s = 0.0
 
     # lifecycle
@@ -212,21 +215,30 @@ class StepWorker(Worker):
     # claims: the Redis round trips run on a thread of their own while the pass runs
 
     def _claim(self) -> None:
-        """Take in the jobs that the claim which ran during the last pass brought."""
+        """Take in the jobs that the claim running beside the passes has brought so far."""
         if self._claiming is not None and self._claiming.done():
             claiming, self._claiming = self._claiming, None
-            self._adopt(claiming.result())  # a RedisError reaches the main loop, as a claim of its own would
+            try:
+                claiming.result()  # a RedisError reaches the main loop, as a claim of its own would
+            finally:
+                self._adopt(self._take_claimed())
+        else:
+            self._adopt(self._take_claimed())
+
+    def _take_claimed(self) -> list[Claimed]:
+        with self._claimed_lock:
+            claimed, self._claimed = self._claimed, []
+        return claimed
 
     def _settle_claim(self) -> list[Claimed]:
         """Wait for the claim in flight (at most about one pass) and return what it brought."""
         claiming, self._claiming = self._claiming, None
-        if claiming is None:
-            return []
-        try:
-            return claiming.result()
-        except Exception as error:  # the ids it moved, if any, stay in the claimed list: reconciled later
-            log.warning("a claim failed: %s: %s", type(error).__name__, error)
-            return []
+        if claiming is not None:
+            try:
+                claiming.result()
+            except Exception as error:  # the ids it moved, if any, stay in the claimed list: reconciled later
+                log.warning("a claim failed: %s: %s", type(error).__name__, error)
+        return self._take_claimed()
 
     def _start_claim(self) -> None:
         """Claim, beside the pass about to run, jobs while a table has more free rows than the claimed jobs
@@ -246,31 +258,35 @@ class StepWorker(Worker):
             if room > 0:
                 wanted[model] = room
         if wanted:
-            wait_s = min(self.block_s, max(0.005, self._last_pass_s))
-            self._claiming = self._claimer.submit(self._claim_jobs, wanted, wait_s)
+            # Until about when the pass ends: a job that arrives during it enters right after it.
+            deadline = time.monotonic() + min(self.block_s, max(0.005, 0.9 * self._last_pass_s))
+            self._claiming = self._claimer.submit(self._claim_jobs, wanted, deadline)
 
-    def _claim_jobs(self, wanted: dict[str, int], wait_s: float) -> list[Claimed]:
-        """In the claim thread: up to `wanted` jobs per model (16 per round trip); if none is queued, wait
-        up to `wait_s` (the last pass's time, at most block_s) for one of the first model's, so that a
-        job which arrives during the pass enters right after it."""
+    def _claim_jobs(self, wanted: dict[str, int], deadline: float) -> None:
+        """In the claim thread: up to `wanted` jobs per model (16 per round trip), handed to the loop
+        as they come (`_claimed`); while rows are wanted and the deadline has not passed, wait
+        (BLMOVE) for the next job of the first model that wants rows."""
         cap = self.engine.max_pass_rows
-        claimed: list[Claimed] = []
-        for model, room in wanted.items():
-            while room > 0:
-                asked = min(room, 16)
-                more = self.queue.claim(model, asked)
-                claimed += more
-                room -= sum(min(job.spec.num_images, cap) for job in more)
-                if len(more) < asked:
-                    break
-        if claimed:
-            return claimed
-        model, room = next(iter(wanted.items()))
-        claimed = self.queue.claim_blocking(model, wait_s)
-        room -= sum(min(job.spec.num_images, cap) for job in claimed)
-        if claimed and room > 0:
-            claimed += self.queue.claim(model, min(room, 16))
-        return claimed
+        room = dict(wanted)
+
+        def took(model: str, jobs: list[Claimed]) -> None:
+            room[model] -= sum(min(job.spec.num_images, cap) for job in jobs)
+            with self._claimed_lock:
+                self._claimed += jobs
+
+        while True:
+            for model in room:
+                while room[model] > 0:
+                    asked = min(room[model], 16)
+                    more = self.queue.claim(model, asked)
+                    took(model, more)
+                    if len(more) < asked:
+                        break
+            open_rooms = [model for model, free in room.items() if free > 0]
+            left_s = deadline - time.monotonic()
+            if not open_rooms or left_s < 0.002:
+                return
+            took(open_rooms[0], self.queue.claim_blocking(open_rooms[0], left_s))
 
     def _adopt(self, claimed: list[Claimed]) -> None:
         now = time.time()

@@ -138,11 +138,17 @@ def test_a_job_that_arrives_during_a_pass_is_claimed_before_the_pass_ends(redis_
     small, _ = ledger.submit(spec(9, steps=3), "o")
     wait_until(lambda: redis_conn.hget(Keys.job(small), "holder") == b"w1", 5, interval_s=0.005)
     assert in_pass.is_set() and slow_passes[0] == 2  # claimed while that pass still ran
+    # The claim goes on through the pass: a job arriving later in it is claimed in it too.
+    time.sleep(0.2)
+    second, _ = ledger.submit(spec(10, steps=3), "o")
+    wait_until(lambda: redis_conn.hget(Keys.job(second), "holder") == b"w1", 5, interval_s=0.005)
+    assert in_pass.is_set() and slow_passes[0] == 2
     wait_until(lambda: worker.tables[MODEL].rows_of(small) == 1, 10, interval_s=0.005)
     assert slow_passes[0] in (2, 3)  # and admitted right after it
     slow_passes[0] = -1
     ledger.cancel(long)
     wait_until(lambda: ledger.status(small).value == "succeeded", 30)  # type: ignore[union-attr]
+    wait_until(lambda: ledger.status(second).value == "succeeded", 30)  # type: ignore[union-attr]
     worker.request_stop()
     thread.join(30)
 
