@@ -231,7 +231,7 @@ class StepWorker(Worker):
         return claimed
 
     def _settle_claim(self) -> list[Claimed]:
-        """Wait for the claim in flight (at most about one pass) and return what it brought."""
+        """Wait for the claim in flight (at most about one and a half passes) and return what it brought."""
         claiming, self._claiming = self._claiming, None
         if claiming is not None:
             try:
@@ -258,14 +258,17 @@ class StepWorker(Worker):
             if room > 0:
                 wanted[model] = room
         if wanted:
-            # Until about when the pass ends: a job that arrives during it enters right after it.
-            deadline = time.monotonic() + min(self.block_s, max(0.005, 0.9 * self._last_pass_s))
+            # Through this pass and half the next (the next pass starts none; the one after does): a job
+            # that arrives meanwhile enters right after the pass it arrived in. Ending within the pass
+            # instead starts a claim every pass: a lone image's passes took 3 % longer (measured).
+            deadline = time.monotonic() + min(self.block_s, max(0.005, 1.5 * self._last_pass_s))
             self._claiming = self._claimer.submit(self._claim_jobs, wanted, deadline)
 
     def _claim_jobs(self, wanted: dict[str, int], deadline: float) -> None:
-        """In the claim thread: up to `wanted` jobs per model (16 per round trip), handed to the loop
-        as they come (`_claimed`); while rows are wanted and the deadline has not passed, wait
-        (BLMOVE) for the next job of the first model that wants rows."""
+        """In the claim thread: up to `wanted` jobs per model, handed to the loop as they come
+        (`_claimed`). While rows are wanted and the deadline has not passed: wait (BLMOVE, at once
+        when one is queued) for a job of the first model that wants rows, then take what else is
+        queued (16 per round trip). With an empty queue that is one round trip per claim."""
         cap = self.engine.max_pass_rows
         room = dict(wanted)
 
@@ -274,19 +277,26 @@ class StepWorker(Worker):
             with self._claimed_lock:
                 self._claimed += jobs
 
+        def sweep(model: str) -> None:
+            while room[model] > 0:
+                asked = min(room[model], 16)
+                more = self.queue.claim(model, asked)
+                took(model, more)
+                if len(more) < asked:
+                    return
+
+        for model in list(room)[1:]:  # the first is claimed by the wait below
+            sweep(model)
         while True:
-            for model in room:
-                while room[model] > 0:
-                    asked = min(room[model], 16)
-                    more = self.queue.claim(model, asked)
-                    took(model, more)
-                    if len(more) < asked:
-                        break
             open_rooms = [model for model, free in room.items() if free > 0]
             left_s = deadline - time.monotonic()
             if not open_rooms or left_s < 0.002:
                 return
-            took(open_rooms[0], self.queue.claim_blocking(open_rooms[0], left_s))
+            model = open_rooms[0]
+            got = self.queue.claim_blocking(model, left_s)
+            took(model, got)
+            if got:
+                sweep(model)
 
     def _adopt(self, claimed: list[Claimed]) -> None:
         now = time.time()
