@@ -8,8 +8,8 @@ settings. One turn of the loop:
 2. the jobs claimed during the last pass are taken in;
 3. waiting images enter free rows (admission, below);
 4. while the tables have room for more images, a claim starts on a thread of its own (no fill
-   window): it takes what is queued or waits, about as long as a pass, for the next job, so its
-   Redis round trips run beside the forward pass, not before it;
+   window): it waits (about one and a half passes) for the next job and takes what else is queued,
+   handing jobs over as they come, so its Redis round trips run beside the forward pass, not before it;
 5. one forward pass of one model's table (models with work take turns, one pass each);
 6. finished images, progress and terminal states go to the writer thread (worker/writer.py): the
    loop does not wait for PNG encoding or Redis.
