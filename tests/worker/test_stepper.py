@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from contract.jobs import JobSpec, SamplerParams
-from contract.ledger import Keys
+from contract.ledger import CLAIM, Keys
 from service.ledger import Ledger
 from tests.integration.servers import wait_until
 from worker.engine import Engine
@@ -151,6 +151,49 @@ def test_a_job_that_arrives_during_a_pass_is_claimed_before_the_pass_ends(redis_
     wait_until(lambda: ledger.status(second).value == "succeeded", 30)  # type: ignore[union-attr]
     worker.request_stop()
     thread.join(30)
+
+
+def test_a_claim_that_fails_beside_the_pass_loses_no_job(redis_conn: redis.Redis, engine: Engine) -> None:
+    """The claim thread takes one job, then its next claim moves two more ids into the claimed list and
+    its reply is lost (a Redis timeout): the job it handed over runs, the error reaches the loop as a
+    claim of its own would, and the two ids the worker never learnt of go back to the queue and run."""
+    ledger = Ledger(redis_conn, result_ttl_s=60, failure_ttl_s=60)
+    worker = make_worker(redis_conn, engine, block_s=1.0)
+    real_claim, lost = worker.queue.claim, [0]
+
+    def claim_losing_its_reply(model: str, n: int) -> list:  # type: ignore[type-arg]
+        jobs = real_claim(model, n)
+        if jobs and not lost[0]:
+            lost[0] = len(jobs)
+            raise redis.TimeoutError("reply lost")
+        return jobs
+
+    real_wait, submitted = worker.queue.claim_blocking, threading.Event()
+
+    def wait_in_claim_thread_until_submitted(model: str, timeout_s: float) -> list:  # type: ignore[type-arg]
+        if threading.current_thread().name.startswith("claim"):
+            submitted.wait(10)
+        return real_wait(model, timeout_s)
+
+    worker.queue.claim = claim_losing_its_reply  # type: ignore[method-assign]
+    worker.queue.claim_blocking = wait_in_claim_thread_until_submitted  # type: ignore[method-assign]
+    thread, _ = start(worker)
+    long, _ = ledger.submit(spec(1, steps=60), "o")
+    wait_until(lambda: worker.tables[MODEL].rows_of(long) == 1, 20, interval_s=0.01)
+    small = [ledger.submit(spec(10 + k, steps=3), "o")[0] for k in range(3)]
+    submitted.set()  # the claim thread's wait takes the first at once, its sweep the other two
+    wait_until(lambda: all(ledger.status(job).terminal for job in [long, *small]), 60)  # type: ignore[union-attr]
+    worker.request_stop()
+    thread.join(30)
+    assert lost[0] == 2
+    for job in [long, *small]:
+        record = ledger.record(job)
+        assert record is not None and record.status.value == "succeeded" and record.reruns == 0
+    assert redis_conn.llen(worker.queue.claimed_key) == 0 and not redis_conn.llen(Keys.queue(MODEL))
+    # Claim generations: claimed once and ended (2) for the job handed over; claimed, given back by
+    # the worker's reconciliation, claimed again and ended (4) for the two whose claim reply was lost.
+    generations = [int(redis_conn.hget(Keys.job(job), CLAIM) or 0) for job in [long, *small]]
+    assert generations == [2, 2, 4, 4]
 
 
 def test_cancel_frees_rows_for_the_next_job(redis_conn: redis.Redis, engine: Engine) -> None:
