@@ -216,13 +216,11 @@ class StepWorker(Worker):
 
     def _claim(self) -> None:
         """Take in the jobs that the claim running beside the passes has brought so far."""
-        if self._claiming is not None and self._claiming.done():
-            claiming, self._claiming = self._claiming, None
-            try:
+        try:
+            if self._claiming is not None and self._claiming.done():
+                claiming, self._claiming = self._claiming, None
                 claiming.result()  # a RedisError reaches the main loop, as a claim of its own would
-            finally:
-                self._adopt(self._take_claimed())
-        else:
+        finally:
             self._adopt(self._take_claimed())
 
     def _take_claimed(self) -> list[Claimed]:
